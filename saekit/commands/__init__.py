@@ -1,0 +1,1 @@
+"""The ``saekit`` subcommands: each module registers its parser and runs its command."""
