@@ -133,7 +133,8 @@ def test_clip_every_listed_hookpoint_is_cached_as_the_hooks_see_it(tmp_path, pai
             ends = torch.tensor(lengths) - 1
             assert meta["position"][eot].tolist() == ends.tolist()
             streams = {TEXT, EOT}
-        torch.testing.assert_close(rows, expected, rtol=0, atol=0)
+        # batches of a different size may take another matmul blocking: float32 rounding only
+        torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-6)
         assert set(meta["stream"].tolist()) == streams
         assert manifest.hookpoints[name].description == adapter.describe(name)
     assert manifest.streams == ["cls", "patch", "text", "eot", "pad", "pooled"]
