@@ -233,9 +233,3 @@ def test_wandb_offline_mode(tmp_path, npy):
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     assert list(tmp_path.glob("wandb/offline-run-*"))
     assert (tmp_path / "run" / "metrics.jsonl").read_text().strip()
-
-
-def test_demo_quick(tmp_path):
-    assert main(["demo", "--quick", "--output_dir", str(tmp_path / "demo")]) == 0
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert report["feature_recovery_mmcs"] > 0.9
