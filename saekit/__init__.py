@@ -34,4 +34,14 @@ __all__ = [
     "load",
     "load_dictionary",
     "save_dictionary",
+    "steer",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # saekit.steer loads lazily: steering imports the adapters, which `import saekit` should not.
+    if name == "steer":
+        from .steering import steer
+
+        return steer
+    raise AttributeError(f"module 'saekit' has no attribute {name!r}")
