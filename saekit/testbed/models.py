@@ -186,7 +186,8 @@ def llava_config(
 # loaders of the shipped models
 
 
-def _require_dir(directory: Path, script: str) -> Path:
+def require_model_dir(directory: str | Path, script: str) -> Path:
+    """``directory`` if it holds a saved model, else an error naming the script that makes one."""
     directory = Path(directory)
     if not (directory / "config.json").exists() and not (directory / "model_index.json").exists():
         raise FileNotFoundError(
@@ -199,7 +200,7 @@ def _require_dir(directory: Path, script: str) -> Path:
 def load_clip(directory: str | Path = CLIP_DIR) -> tuple[CLIPModel, PreTrainedTokenizerBase]:
     """The shipped contrastive model and its tokenizer, in eval mode, from a local directory."""
     transformers = require("transformers", "the testbed models")
-    directory = _require_dir(Path(directory), "train_testbed_clip.py")
+    directory = require_model_dir(Path(directory), "train_testbed_clip.py")
     model = transformers.CLIPModel.from_pretrained(directory, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return model.eval(), tokenizer
@@ -209,7 +210,7 @@ def load_pipeline(directory: str | Path = PIPELINE_DIR) -> TestbedPipeline:
     """The shipped text-to-image pipeline (UNet, scheduler, CLIP text tower, tokenizer)."""
     from .pipeline import TestbedPipeline
 
-    directory = _require_dir(Path(directory), "train_testbed_diffusion.py")
+    directory = require_model_dir(Path(directory), "train_testbed_diffusion.py")
     pipe = TestbedPipeline.from_pretrained(directory, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -220,7 +221,7 @@ def load_vlm(
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """The shipped LLaVA-style VLM and its processor (tokenizer + image processor)."""
     transformers = require("transformers", "the testbed models")
-    directory = _require_dir(Path(directory), "train_testbed_vlm.py")
+    directory = require_model_dir(Path(directory), "train_testbed_vlm.py")
     model = transformers.LlavaForConditionalGeneration.from_pretrained(
         directory, local_files_only=True
     )
