@@ -16,7 +16,18 @@ from .sources import DataError
 from .training.distributed import PeerLostError
 
 # Subcommand modules under saekit.commands, in the order `saekit --help` lists them.
-COMMANDS = ["cache", "train", "eval", "dashboard", "demo", "pull", "push", "export"]
+COMMANDS = [
+    "cache",
+    "train",
+    "eval",
+    "dashboard",
+    "demo",
+    "steer",
+    "unlearn",
+    "pull",
+    "push",
+    "export",
+]
 
 # Errors that mean "the input or the settings are wrong": shown as one clear line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from ..adapters.base import Capture, ModelAdapter
 from ..evaluation.downstream import Generate
-from ..evaluation.splice import HookHandle, from_rows, hook_activation, resolve_layout, to_rows
+from ..evaluation.splice import HookHandle
+from ..steering.hooks import add_vector
 
 
 def add_direction(
@@ -31,19 +32,9 @@ def add_direction(
     direction: Tensor,
     strength: float,
 ) -> HookHandle:
-    """Add ``strength * direction`` ``(d,)`` to the activation at ``hookpoint`` on every call."""
-
-    adapter = model if isinstance(model, ModelAdapter) else None
-
-    def transform(activation: Tensor) -> Tensor:
-        layout = resolve_layout(
-            tuple(activation.shape), direction.numel(), adapter=adapter, hookpoint=hookpoint
-        )
-        rows = to_rows(activation, layout)
-        shifted = rows + strength * direction.to(rows)  # (N, d)
-        return from_rows(shifted, activation, layout)
-
-    return hook_activation(model, hookpoint, capture, transform)
+    """Add ``strength * direction`` ``(d,)`` to the activation at ``hookpoint`` on every call
+    (saekit.steering's ``add`` primitive, :func:`saekit.steering.hooks.add_vector`)."""
+    return add_vector(model, hookpoint, capture, direction, strength)
 
 
 @dataclass

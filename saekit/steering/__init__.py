@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .api import SteeringHandle, steer
 from .config import Intervention, Scope
-from .hooks import SteeringTransform, feature_values, resize_mask
+from .hooks import SteeringTransform, add_vector, feature_values, resize_mask
 from .selection import (
     LatentStats,
     Selection,
@@ -38,6 +38,7 @@ __all__ = [
     "SelectionEntry",
     "SteeringHandle",
     "SteeringTransform",
+    "add_vector",
     "collect_rows",
     "feature_values",
     "latent_stats",

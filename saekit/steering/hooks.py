@@ -23,11 +23,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..adapters.base import COND, UNCOND, ModelAdapter
+from ..adapters.base import COND, UNCOND, Capture, ModelAdapter
 from ..dictionaries import SparseAutoencoder
-from ..evaluation.splice import Layout, from_rows, resolve_layout, to_rows
+from ..evaluation.splice import (
+    HookHandle,
+    Layout,
+    from_rows,
+    hook_activation,
+    resolve_layout,
+    to_rows,
+)
 from ..kernels import SparseCodes
 from .config import Intervention, Scope
 from .context import IMAGE, TEXT, CallTracker
@@ -278,3 +285,30 @@ class SteeringTransform:
         if high is not None:
             out = torch.minimum(out, high.expand_as(v))
         return out
+
+
+def add_vector(
+    model: nn.Module | ModelAdapter,
+    hookpoint: str,
+    capture: Capture,
+    direction: Tensor,
+    strength: float,
+    *,
+    layout: Layout = "auto",
+) -> HookHandle:
+    """Add ``strength * direction`` ``(d,)`` to the activation at ``hookpoint`` at every position
+    of every call: the ``add`` primitive without a dictionary or a scope (a raw direction, e.g. a
+    decoder row given alone). Strength 0 leaves the model bit for bit."""
+    adapter = model if isinstance(model, ModelAdapter) else None
+
+    def transform(activation: Tensor) -> Tensor | None:
+        if strength == 0:
+            return None
+        kind = resolve_layout(
+            tuple(activation.shape), direction.numel(), layout, adapter=adapter, hookpoint=hookpoint
+        )
+        shape = [1] * activation.ndim
+        shape[1 if kind == "channels_first" else -1] = direction.numel()
+        return activation + (strength * direction).to(activation).view(shape)
+
+    return hook_activation(model, hookpoint, capture, transform)

@@ -1,0 +1,141 @@
+"""Concept selection (SAeUron's score) on hand-made activations with a known answer, the
+selection file, and unlearning built from it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from adapters_support import one_thread
+from steering_support import before_and_after, generate, tiny_sae, tiny_testbed_pipeline
+
+from saekit.adapters.base import Rows
+from saekit.dictionaries import SAEConfig, TopKSAE
+from saekit.steering import (
+    Selection,
+    SelectionEntry,
+    collect_rows,
+    latent_stats,
+    pick,
+    saeuron_scores,
+    select_concept,
+    unlearn,
+    unlearn_interventions,
+)
+
+
+def identity_sae(d: int = 8, hookpoint: str = "h") -> TopKSAE:
+    """Latent i reads and writes input dimension i (so activations are the inputs)."""
+    sae = TopKSAE(SAEConfig(d_in=d, d_sae=d, k=d, hookpoint=hookpoint))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_saeuron_score_normalises_by_total_activation():
+    with_concept = torch.tensor([2.0, 2.0, 4.0, 0.0])  # total 8
+    without = torch.tensor([4.0, 4.0, 0.0, 8.0])  # total 16: twice as active overall
+    scores = saeuron_scores(with_concept, without)
+    torch.testing.assert_close(scores, torch.tensor([0.0, 0.0, 0.5, -0.5]))
+    assert pick(scores, count=2).tolist() == [2]  # only positive scores are selected
+    assert pick(torch.arange(10.0), percentile=80).tolist() == [9, 8]
+
+
+def test_select_concept_finds_the_planted_latent_per_step():
+    torch.manual_seed(0)
+    sae = identity_sae()
+    base = torch.rand(400, 8)  # every latent fires a little everywhere
+    concept = base.clone()
+    step = torch.arange(400) % 2
+    concept[step == 0, 3] += 3.0  # the concept is latent 3 at step 0 ...
+    concept[step == 1, 5] += 3.0  # ... and latent 5 at step 1
+    meta = dict(sample=torch.arange(400), position=torch.zeros(400, dtype=torch.long))
+    rows = Rows(concept, **meta, step=step.to(torch.int16), timestep=step.float() * 500)
+    other = Rows(base, **meta, step=step.to(torch.int16), timestep=step.float() * 500)
+    selection = select_concept("thing", {"h": sae}, {"h": rows}, {"h": other}, count=1)
+    by_step = {e.step: e.features for e in selection.entries}
+    assert by_step == {0: [3], 1: [5]}
+    typical = {e.step: e.typical[0] for e in selection.entries}
+    assert typical[0] == pytest.approx(3.5, abs=0.1)  # mean where it fires: 3 + E[U(0,1)]
+    pooled = select_concept("thing", {"h": sae}, {"h": concept}, {"h": base}, count=2)
+    assert sorted(pooled.entries[0].features) == [3, 5] and pooled.entries[0].step is None
+
+
+def test_latent_stats_mean_and_firing_mean():
+    sae = identity_sae(4)
+    x = torch.tensor([[1.0, 0, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    stats = latent_stats(sae, x, batch_size=3)
+    assert stats.mean[0] == pytest.approx(1.0) and stats.firing_mean[0] == pytest.approx(2.0)
+    assert stats.firing_mean[1] == 0
+
+
+def test_selection_file_round_trip(tmp_path):
+    selection = Selection(
+        "circle",
+        [
+            SelectionEntry("mid_block", [4, 9], [0.2, 0.1], [1.5, 0.5], step=0, timestep=999.0),
+            SelectionEntry("mid_block", [9], [0.3], [0.7], step=1, timestep=500.0),
+        ],
+        meta={"percentile": 99.0},
+    )
+    path = selection.save(tmp_path / "sel" / "circle.json")
+    again = Selection.load(path)
+    assert again == selection
+    typical = again.typical_tensor("mid_block", 12)
+    assert typical is not None and typical[4] == 1.5 and typical[9] == pytest.approx(0.6)
+    assert again.features("mid_block", step=1) == [9]
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a selection file"):
+        Selection.load(tmp_path / "bad.json")
+
+
+def test_unlearn_merges_concepts_and_scopes_steps():
+    a = Selection("circle", [SelectionEntry("m", [1, 2], [1, 1], [1, 1], step=0)])
+    b = Selection("red", [SelectionEntry("m", [2, 3], [1, 1], [1, 1], step=0)])
+    c = Selection("blue", [SelectionEntry("m", [7], [1], [1])])
+    interventions = unlearn_interventions([a, b, c], multiplier=-2.0)
+    assert [(i.features, i.scope.steps) for i in interventions] == [
+        ((1, 2, 3), (0, 1)),
+        ((7,), None),
+    ]
+    assert all(i.kind == "scale" and i.strength == -2.0 for i in interventions)
+
+
+def test_unlearn_on_a_pipeline_flips_selected_latents_where_they_fire():
+    with one_thread():
+        pipe = tiny_testbed_pipeline()
+        sae = tiny_sae(32, "mid_block")
+        from saekit.adapters.diffusion import DiffusionAdapter
+
+        adapter = DiffusionAdapter(pipe, num_inference_steps=2, guidance_scale=3.0)
+        rows = collect_rows(adapter, ["mid_block"], ["a red circle", "a blue square"])
+        assert rows["mid_block"].step is not None
+        assert set(rows["mid_block"].step.tolist()) == {0, 1}  # two steps recorded
+        # concept "red" = the first prompt's rows, against the second's
+        first = rows["mid_block"].sample == 0
+        selection = select_concept(
+            "red", {"mid_block": sae}, {"mid_block": rows["mid_block"].select(first)},
+            {"mid_block": rows["mid_block"].select(~first)}, count=3,
+        )  # fmt: skip
+        assert {e.step for e in selection.entries} == {0, 1}
+        clean = generate(pipe, ["a red circle"], steps=2)
+        with (
+            unlearn(pipe, {"mid_block": sae}, selection, multiplier=-1.0),
+            before_and_after(pipe.unet.mid_block) as (raw, steered),
+        ):
+            out = generate(pipe, ["a red circle"], steps=2)
+        assert not torch.equal(out, clean)
+        x = raw[0].permute(0, 2, 3, 1).reshape(-1, 32)
+        features = torch.tensor(selection.features("mid_block", step=0))
+        before = sae.encode_dense(x)[:, features]  # (N, F)
+        delta = steered[0].permute(0, 2, 3, 1).reshape(-1, 32) - x
+        torch.testing.assert_close(
+            delta, (-2.0 * before) @ sae.W_dec[features].detach(), rtol=0, atol=1e-5
+        )
