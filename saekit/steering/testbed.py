@@ -1,0 +1,442 @@
+"""Steering and unlearning measured on the testbed, where every factor is known.
+
+The issue's measurements, as functions that ``scripts/bench_steer.py`` prints and the tests
+assert (looser) on the shipped models:
+
+* :func:`diffusion_steering`: for each colour / shape, add the value's selected latents to the
+  pipeline's UNet at every step (strength in units of each latent's typical activation); the
+  oracle reads the generated image: success rate (the target value), other factors preserved,
+  pixel distance to the unsteered sample (same noise);
+* :func:`diffusion_unlearning`: suppress one value (SAeUron); UA (the value no longer appears
+  when prompted), IRA (the factor's other values still appear when prompted), CRA (the other
+  factors still right), as UnlearnCanvas (Zhang et al. 2024) measures styles and objects;
+* :func:`clip_steering`: add a colour's latents to CLIP image embeddings; the zero-shot label
+  flips to it;
+* :func:`vlm_steering`: clamp (set) a colour's latents in the LLaVA language model; the caption's
+  colour word changes to it.
+
+Dictionaries are trained here with saekit's :class:`~saekit.training.Trainer` on activations
+collected in memory (a few hundred inputs), and concept latents selected with
+:func:`~.selection.select_concept` from the scenes' factor labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapters.base import Rows
+from ..dictionaries import SAEConfig, SparseAutoencoder
+from .api import steer
+from .config import Intervention, Scope
+from .selection import Selection, collect_rows, select_concept
+from .unlearn import unlearn
+
+
+def train_dictionary(
+    rows: Tensor,
+    *,
+    hookpoint: str,
+    expansion: int = 8,
+    k: int = 8,
+    epochs: int = 4,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> SparseAutoencoder:
+    """A TopK dictionary (Gao et al. 2024) on ``rows`` ``(N, d)``, in memory."""
+    from ..training import Trainer
+    from ..training.config import TrainConfig
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches() -> Any:
+        for _ in range(epochs):
+            order = torch.randperm(rows.shape[0], generator=generator)
+            for start in range(0, rows.shape[0] - batch_size + 1, batch_size):
+                yield rows[order[start : start + batch_size]]
+
+    cfg = SAEConfig(
+        architecture="topk", k=k, d_sae=expansion * rows.shape[1], seed=seed, hookpoint=hookpoint
+    )
+    train = TrainConfig(
+        batch_size=batch_size,
+        epochs=1,
+        lr_warmup_steps=20,
+        log_every=10_000,
+        checkpoint_every=0,
+        progress=False,
+        device="cpu",
+        data_seed=seed,
+    )
+    with torch.enable_grad():  # callers may run under no_grad
+        (result,) = Trainer([cfg], train, batches(), None).fit()
+    return result.sae.eval()
+
+
+def value_of(scene: Any, factor: str) -> str:
+    return str(scene.background if factor == "background" else getattr(scene.objects[0], factor))
+
+
+def factor_selections(
+    sae: SparseAutoencoder,
+    hookpoint: str,
+    rows: Rows,
+    scenes: Sequence[Any],
+    factor: str,
+    *,
+    count: int,
+    per_step: bool = True,
+) -> dict[str, Selection]:
+    """One selection per value of ``factor``: rows of scenes with the value against the rest."""
+    from ..testbed import world
+
+    labels = [value_of(s, factor) for s in scenes]
+    out = {}
+    for value in world.FACTOR_VALUES[factor]:
+        has = torch.tensor([label == value for label in labels])[rows.sample]
+        if not bool(has.any()) or bool(has.all()):
+            continue
+        out[value] = select_concept(
+            value,
+            {hookpoint: sae},
+            {hookpoint: rows.select(has)},
+            {hookpoint: rows.select(~has)},
+            count=count,
+            per_step=per_step,
+        )
+    return out
+
+
+def selection_interventions(
+    selection: Selection, *, kind: str, strength: float, branch: str = "both"
+) -> list[Intervention]:
+    """One intervention per hookpoint and step of ``selection`` (relative strength)."""
+    out = []
+    for entry in selection.entries:
+        if not entry.features:
+            continue
+        steps = None if entry.step is None else (entry.step, entry.step + 1)
+        out.append(
+            Intervention(
+                tuple(entry.features),
+                kind=kind,  # type: ignore[arg-type]
+                strength=strength,
+                relative=True,
+                hookpoint=entry.hookpoint,
+                scope=Scope(steps=steps, branch=branch),  # type: ignore[arg-type]
+                label=selection.concept,
+            )
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+@dataclass
+class DiffusionSetup:
+    """A pipeline, a dictionary at one UNet hookpoint, and how generation runs."""
+
+    adapter: Any
+    """A DiffusionAdapter of the pipeline (its steps, guidance and seed)."""
+    sae: SparseAutoencoder
+    hookpoint: str
+    rows: Rows
+    scenes: list[Any]
+
+
+def diffusion_setup(
+    pipe: Any,
+    *,
+    hookpoint: str = "mid_block",
+    n_scenes: int = 240,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 3.0,
+    expansion: int = 8,
+    k: int = 8,
+    seed: int = 0,
+) -> DiffusionSetup:
+    """Collect the hookpoint's rows (conditional half, every step) for single-object scenes'
+    canonical captions and train a dictionary on them."""
+    from ..adapters.diffusion import DiffusionAdapter
+    from ..testbed import world
+
+    adapter = DiffusionAdapter(
+        pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed
+    )
+    scenes = world.sample_scenes(n_scenes, seed=10_000 + seed, objects=1)
+    rows = collect_rows(adapter, [hookpoint], [s.caption() for s in scenes], batch_size=64)[
+        hookpoint
+    ]
+    sae = train_dictionary(rows.values, hookpoint=hookpoint, expansion=expansion, k=k, seed=seed)
+    return DiffusionSetup(adapter, sae, hookpoint, rows, scenes)
+
+
+def _generate(adapter: Any, prompts: list[str], seed: int) -> Tensor:
+    chunks = []
+    for start in range(0, len(prompts), 64):
+        out = adapter.generate(prompts[start : start + 64], seed=seed + start)
+        chunks.append(out.images)
+    return torch.cat(chunks)
+
+
+def _read(oracle: Any, images: Tensor) -> list[dict[str, str | None]]:
+    out: list[dict[str, str | None]] = []
+    for reading in oracle.read(images):
+        main = reading.main
+        facts: dict[str, str | None] = {"background": reading.background}
+        for f in ("shape", "color", "size", "position"):
+            facts[f] = None if main is None else getattr(main, f)
+        out.append(facts)
+    return out
+
+
+def diffusion_steering(
+    setup: DiffusionSetup,
+    factor: str,
+    *,
+    strengths: Sequence[float] = (2.0, 4.0, 8.0),
+    prompts_per_target: int = 16,
+    count: int = 4,
+    branch: str = "both",
+    oracle: Any = None,
+    seed: int = 1,
+) -> list[dict[str, Any]]:
+    """Steering toward each value of ``factor`` (colour or shape) from prompts that name another
+    value: one record per target and strength (strength 0: the unsteered samples)."""
+    from ..testbed import world
+    from ..testbed.oracle import Oracle
+
+    oracle = oracle or Oracle()
+    selections = factor_selections(
+        setup.sae, setup.hookpoint, setup.rows, setup.scenes, factor, count=count
+    )
+    others = [f for f in world.FACTORS if f != factor]
+    records = []
+    for target_index, (target, selection) in enumerate(selections.items()):
+        pool = world.sample_scenes(
+            4 * prompts_per_target, seed=20_000 + seed + target_index, objects=1
+        )
+        scenes = [s for s in pool if value_of(s, factor) != target][:prompts_per_target]
+        prompts = [s.caption() for s in scenes]
+        clean = _generate(setup.adapter, prompts, seed)
+        clean_read = _read(oracle, clean)
+        for strength in (0.0, *strengths):
+            if strength == 0:
+                images, reads = clean, clean_read
+            else:
+                interventions = selection_interventions(
+                    selection, kind="add", strength=strength, branch=branch
+                )
+                with steer(setup.adapter, setup.sae, interventions, typical=selection):
+                    images = _generate(setup.adapter, prompts, seed)
+                reads = _read(oracle, images)
+            success = sum(r[factor] == target for r in reads) / len(reads)
+            kept = sum(
+                r[f] == value_of(s, f) for r, s in zip(reads, scenes, strict=True) for f in others
+            ) / (len(reads) * len(others))
+            records.append(
+                {
+                    "factor": factor,
+                    "target": target,
+                    "strength": strength,
+                    "success": round(success, 4),
+                    "others_preserved": round(kept, 4),
+                    "pixel_distance": round(float((images - clean).abs().mean()), 4),
+                    "n": len(prompts),
+                    "latents_per_step": count,
+                }
+            )
+    return records
+
+
+def diffusion_unlearning(
+    setup: DiffusionSetup,
+    factor: str,
+    target: str,
+    *,
+    multipliers: Sequence[float] = (-1.0, -3.0),
+    count: int = 4,
+    n_target: int = 24,
+    n_other: int = 48,
+    oracle: Any = None,
+    seed: int = 2,
+) -> list[dict[str, Any]]:
+    """UA / IRA / CRA of unlearning ``target`` (a value of ``factor``), per multiplier
+    (multiplier 0: no unlearning, the clean reference)."""
+    from ..testbed import world
+    from ..testbed.oracle import Oracle
+
+    oracle = oracle or Oracle()
+    selection = factor_selections(
+        setup.sae, setup.hookpoint, setup.rows, setup.scenes, factor, count=count
+    )[target]
+    pool = world.sample_scenes(8 * (n_target + n_other), seed=30_000 + seed, objects=1)
+    with_target = [s for s in pool if value_of(s, factor) == target][:n_target]
+    without = [s for s in pool if value_of(s, factor) != target][:n_other]
+    scenes = with_target + without
+    prompts = [s.caption() for s in scenes]
+    others = [f for f in world.FACTORS if f != factor]
+    records = []
+    for multiplier in (0.0, *multipliers):
+        if multiplier == 0:
+            images = _generate(setup.adapter, prompts, seed)
+        else:
+            with unlearn(setup.adapter, setup.sae, selection, multiplier=multiplier):
+                images = _generate(setup.adapter, prompts, seed)
+        reads = _read(oracle, images)
+        on_target, off_target = reads[: len(with_target)], reads[len(with_target) :]
+        ua = sum(r[factor] != target for r in on_target) / max(len(on_target), 1)
+        ira = sum(
+            r[factor] == value_of(s, factor) for r, s in zip(off_target, without, strict=True)
+        ) / max(len(off_target), 1)
+        cra = sum(
+            r[f] == value_of(s, f) for r, s in zip(reads, scenes, strict=True) for f in others
+        ) / (len(reads) * len(others))
+        records.append(
+            {
+                "factor": factor,
+                "target": target,
+                "multiplier": multiplier,
+                "UA": round(ua, 4),
+                "IRA": round(ira, 4),
+                "CRA": round(cra, 4),
+                "n_target": len(on_target),
+                "n_other": len(off_target),
+                "latents_per_step": count,
+            }
+        )
+    return records
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+def clip_steering(
+    model: Any,
+    tokenizer: Any,
+    *,
+    factor: str = "color",
+    n_train: int = 2000,
+    n_test: int = 200,
+    strengths: Sequence[float] = (2.0, 4.0, 8.0, 16.0),
+    count: int = 2,
+    expansion: int = 8,
+    k: int = 8,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Steer CLIP image embeddings (``visual_projection``) toward each value of ``factor``; the
+    share of images (of other values) whose zero-shot label becomes the target."""
+    from ..testbed import world
+    from ..testbed.evaluate import zero_shot_predict
+    from ..testbed.models import pixel_values
+
+    hookpoint = "visual_projection"
+    scenes = world.sample_scenes(n_train, seed=40_000 + seed, objects=1)
+    images = world.render(scenes)
+    embeddings = []
+    for start in range(0, len(images), 256):
+        with torch.no_grad():
+            out = model.get_image_features(pixel_values=pixel_values(images[start : start + 256]))
+            embeddings.append(out if isinstance(out, Tensor) else out.pooler_output)
+    x = torch.cat(embeddings)  # (N, D)
+    sae = train_dictionary(
+        x, hookpoint=hookpoint, expansion=expansion, k=k, batch_size=256, epochs=8, seed=seed
+    )
+    rows = Rows(x, torch.arange(len(x)), torch.zeros(len(x), dtype=torch.long))
+    selections = factor_selections(sae, hookpoint, rows, scenes, factor, count=count)
+    test = world.sample_scenes(n_test, seed=50_000 + seed, objects=1)
+    test_images = world.render(test)
+    clean = zero_shot_predict(model, tokenizer, test_images, factor)
+    records = []
+    for target, selection in selections.items():
+        keep = [i for i, s in enumerate(test) if value_of(s, factor) != target]
+        for strength in (0.0, *strengths):
+            if strength == 0:
+                labels = clean
+            else:
+                interventions = selection_interventions(selection, kind="add", strength=strength)
+                with steer(model, sae, interventions, typical=selection):
+                    labels = zero_shot_predict(model, tokenizer, test_images, factor)
+            flipped = sum(labels[i] == target for i in keep) / len(keep)
+            records.append(
+                {
+                    "factor": factor,
+                    "target": target,
+                    "strength": strength,
+                    "zero_shot_is_target": round(flipped, 4),
+                    "n": len(keep),
+                }
+            )
+    return records
+
+
+# ----------------------------------------------------------------------------- VLM
+
+
+def vlm_steering(
+    model: Any,
+    processor: Any,
+    *,
+    layer: int = 1,
+    n_train: int = 300,
+    n_test: int = 48,
+    strengths: Sequence[float] = (2.0, 4.0, 8.0),
+    count: int = 2,
+    expansion: int = 8,
+    k: int = 8,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Set a colour's latents (relative strength) at every position of a language-model layer
+    during captioning; the share of captions whose colour word becomes the target."""
+    from ..adapters.base import Sample
+    from ..adapters.vlm import VLMAdapter
+    from ..testbed import world
+    from ..testbed.vlm import CAPTION_PROMPT, caption
+
+    hookpoint = f"model.language_model.layers.{layer}"
+    adapter = VLMAdapter(model, processor)
+    scenes = world.sample_scenes(n_train, seed=60_000 + seed, objects=1)
+    pil = world.to_pil(world.render(scenes))
+    samples = [Sample(i, image=img, prompt=CAPTION_PROMPT) for i, img in enumerate(pil)]
+    rows = collect_rows(adapter, [hookpoint], samples, batch_size=32)[hookpoint]
+    sae = train_dictionary(rows.values, hookpoint=hookpoint, expansion=expansion, k=k, seed=seed)
+    selections = factor_selections(sae, hookpoint, rows, scenes, "color", count=count)
+    test = world.sample_scenes(n_test, seed=70_000 + seed, objects=1)
+    test_images = world.render(test)
+    clean = caption(model, processor, test_images)
+    records = []
+    for target, selection in selections.items():
+        keep = [i for i, s in enumerate(test) if value_of(s, "color") != target]
+        for strength in (0.0, *strengths):
+            if strength == 0:
+                texts = clean
+            else:
+                interventions = selection_interventions(selection, kind="set", strength=strength)
+                with steer(model, sae, interventions, typical=selection):
+                    texts = caption(model, processor, test_images)
+            hits = sum(_color_word(texts[i]) == target for i in keep) / len(keep)
+            changed = sum(_color_word(texts[i]) != _color_word(clean[i]) for i in keep) / len(keep)
+            records.append(
+                {
+                    "factor": "color",
+                    "target": target,
+                    "strength": strength,
+                    "caption_color_is_target": round(hits, 4),
+                    "caption_color_changed": round(changed, 4),
+                    "n": len(keep),
+                    "layer": layer,
+                }
+            )
+    return records
+
+
+def _color_word(text: str) -> str | None:
+    from ..testbed import world
+
+    words = text.replace(",", " ").split()
+    return next((w for w in words if w in world.COLORS), None)

@@ -1,0 +1,187 @@
+"""Steering and unlearning on the testbed (JSON lines on stdout, and --out).
+
+    nice -n 10 python scripts/bench_steer.py [--pipeline DIR] [--vlm DIR] [--parts ...] [--quick]
+
+Trains TopK dictionaries with saekit's Trainer on activations collected in memory (the pipeline
+UNet's ``--hookpoint``, CLIP's image embeddings, a VLM language-model layer), selects each
+colour's and shape's latents with the scenes' factor labels (SAeUron's score, per denoising
+step), then measures (see ``saekit.steering.testbed``):
+
+* ``steer_diffusion``: per colour / shape and strength (units of each latent's typical
+  activation): oracle success rate, other factors preserved, pixel distance to the unsteered
+  sample;
+* ``unlearn_diffusion``: UA / IRA / CRA for one shape and one colour, per multiplier;
+* ``steer_clip``: share of image embeddings whose zero-shot colour label becomes the target;
+* ``steer_vlm``: share of captions whose colour word becomes the target (latents set).
+
+Each line carries the machine; a ``*_best`` line per factor gives the lowest strength reaching
+the issue's target (>= 80% success with >= 90% of other factors kept) or the best found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saekit.steering import testbed as bench
+from saekit.testbed import models
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, {gpu}"
+
+
+class Emitter:
+    def __init__(self, out: Path | None) -> None:
+        self.file = out.open("a") if out is not None else None
+
+    def __call__(self, name: str, record: dict[str, Any]) -> None:
+        line = json.dumps({"bench": name, **record, "machine": machine()})
+        print(line, flush=True)
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+
+def best_strength(records: list[dict[str, Any]], key: str = "success") -> dict[str, Any]:
+    """Per factor: the mean over targets at each strength, and the lowest strength that meets
+    the target (>= 0.8 success, >= 0.9 preserved), else the strength with the best success."""
+    by_strength: dict[float, list[dict[str, Any]]] = {}
+    for r in records:
+        by_strength.setdefault(r["strength"], []).append(r)
+    table = {
+        s: {
+            key: round(sum(r[key] for r in rs) / len(rs), 4),
+            "others_preserved": round(sum(r["others_preserved"] for r in rs) / len(rs), 4),
+            "pixel_distance": round(sum(r["pixel_distance"] for r in rs) / len(rs), 4),
+        }
+        for s, rs in sorted(by_strength.items())
+    }
+    meets = [s for s, v in table.items() if v[key] >= 0.8 and v["others_preserved"] >= 0.9]
+    best = min(meets) if meets else max(table, key=lambda s: table[s][key])
+    return {
+        "best_strength": best,
+        "meets_target": bool(meets),
+        **table[best],
+        "per_strength": table,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", default=str(models.PIPELINE_DIR))
+    parser.add_argument("--vlm", default=str(models.VLM_DIR))
+    parser.add_argument("--clip", default=str(models.CLIP_DIR))
+    parser.add_argument("--parts", nargs="*", default=["clip", "diffusion", "unlearn", "vlm"])
+    parser.add_argument("--hookpoint", default="mid_block")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--scenes", type=int, default=240, help="scenes for training/selection")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per steering target")
+    parser.add_argument("--count", type=int, default=4, help="latents selected per step")
+    parser.add_argument("--strengths", type=float, nargs="*", default=[2.0, 4.0, 8.0])
+    parser.add_argument("--multipliers", type=float, nargs="*", default=[-1.0, -3.0])
+    parser.add_argument("--branch", default="both")
+    parser.add_argument("--unlearn_shape", default="circle")
+    parser.add_argument("--unlearn_color", default="red")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.scenes, args.prompts, args.steps = 96, 6, 10
+    emit = Emitter(args.out)
+    started = time.time()
+
+    if "clip" in args.parts:
+        model, tokenizer = models.load_clip(args.clip)
+        t = time.time()
+        records = bench.clip_steering(
+            model, tokenizer, n_train=600 if args.quick else 2000, n_test=60 if args.quick else 200
+        )
+        for r in records:
+            emit("steer_clip", r)
+        by: dict[float, list[float]] = {}
+        for r in records:
+            by.setdefault(r["strength"], []).append(r["zero_shot_is_target"])
+        emit(
+            "steer_clip_mean",
+            {
+                "per_strength": {s: round(sum(v) / len(v), 4) for s, v in sorted(by.items())},
+                "seconds": round(time.time() - t, 1),
+            },
+        )
+
+    if {"diffusion", "unlearn"} & set(args.parts):
+        pipe = models.load_pipeline(args.pipeline)
+        t = time.time()
+        setup = bench.diffusion_setup(
+            pipe, hookpoint=args.hookpoint, n_scenes=args.scenes, num_inference_steps=args.steps
+        )
+        emit(
+            "steer_setup",
+            {
+                "pipeline": args.pipeline,
+                "hookpoint": args.hookpoint,
+                "rows": len(setup.rows),
+                "d_sae": setup.sae.d_sae,
+                "k": setup.sae.cfg.k,
+                "seconds": round(time.time() - t, 1),
+            },
+        )
+        if "diffusion" in args.parts:
+            for factor in ("color", "shape"):
+                t = time.time()
+                records = bench.diffusion_steering(
+                    setup,
+                    factor,
+                    strengths=args.strengths,
+                    prompts_per_target=args.prompts,
+                    count=args.count,
+                    branch=args.branch,
+                )
+                for r in records:
+                    emit("steer_diffusion", r)
+                emit(
+                    "steer_diffusion_best",
+                    {
+                        "factor": factor,
+                        **best_strength(records),
+                        "seconds": round(time.time() - t, 1),
+                    },
+                )
+        if "unlearn" in args.parts:
+            for factor, target in (("shape", args.unlearn_shape), ("color", args.unlearn_color)):
+                t = time.time()
+                n = 8 if args.quick else 24
+                for r in bench.diffusion_unlearning(
+                    setup,
+                    factor,
+                    target,
+                    multipliers=args.multipliers,
+                    count=args.count,
+                    n_target=n,
+                    n_other=2 * n,
+                ):
+                    emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})
+
+    if "vlm" in args.parts:
+        model, processor = models.load_vlm(args.vlm)
+        t = time.time()
+        for r in bench.vlm_steering(
+            model, processor, n_train=100 if args.quick else 300, n_test=16 if args.quick else 48
+        ):
+            emit("steer_vlm", {**r, "seconds": round(time.time() - t, 1)})
+    emit("total", {"seconds": round(time.time() - started, 1)})
+
+
+if __name__ == "__main__":
+    main()
