@@ -6,7 +6,7 @@ object's cell is its centroid's, its size its bounding box's side and its colour
 colour nearest the median of its core pixels. On images rendered by `world.render` these rules
 are exact by construction. Shape is read by a small CNN (`ShapeClassifier`) from a colour-free
 "foreground strength" crop around the object, trained on the world with the blur, noise and
-size/offset jitter that a generative model's samples show (``scripts/train_testbed.py oracle``);
+size/offset jitter that a generative model's samples show (``scripts/train_testbed_oracle.py``);
 its accuracy is recorded beside its weights.
 
 The same code judges what the text-to-image model draws: `Oracle.score` compares readings with
@@ -141,7 +141,7 @@ class ShapeClassifier(nn.Module):
         if not weights.exists():
             raise FileNotFoundError(
                 f"no shape classifier at {weights}; train one with "
-                "`python scripts/train_testbed.py oracle`"
+                "`python scripts/train_testbed_oracle.py`"
             )
         config = json.loads((directory / "config.json").read_text())
         if config.get("classes") != list(SHAPES) or config.get("crop") != CROP:
