@@ -42,8 +42,10 @@ def machine() -> str:
 class Emitter:
     def __init__(self, out: Path | None) -> None:
         self.file = out.open("a") if out is not None else None
+        self.records: list[dict[str, Any]] = []
 
     def __call__(self, name: str, record: dict[str, Any]) -> None:
+        self.records.append({"bench": name, **record})
         line = json.dumps({"bench": name, **record, "machine": machine()})
         print(line, flush=True)
         if self.file is not None:
@@ -75,29 +77,77 @@ def best_strength(records: list[dict[str, Any]], key: str = "success") -> dict[s
     }
 
 
+def markdown(records: list[dict[str, Any]]) -> str:
+    """The README's tables from the run's records."""
+    lines = [f"Measured by `scripts/bench_steer.py` on {machine()}.", ""]
+    best = [r for r in records if r["bench"] == "steer_diffusion_best"]
+    if best:
+        lines += [
+            "| steer toward | strength | success | other factors kept | pixel distance |",
+            "|---|---|---|---|---|",
+        ]
+        for r in best:
+            for strength, v in r["per_strength"].items():
+                lines.append(
+                    f"| {r['factor']} | {strength} | {v['success']:.2f} | "
+                    f"{v['others_preserved']:.2f} | {v['pixel_distance']:.3f} |"
+                )
+        lines.append("")
+    unlearned = [r for r in records if r["bench"] == "unlearn_diffusion"]
+    if unlearned:
+        lines += ["| unlearn | multiplier | UA | IRA | CRA |", "|---|---|---|---|---|"]
+        for r in unlearned:
+            lines.append(
+                f"| {r['factor']} {r['target']} | {r['multiplier']} | {r['UA']:.2f} | "
+                f"{r['IRA']:.2f} | {r['CRA']:.2f} |"
+            )
+        lines.append("")
+    for name, what in (("steer_clip_mean", "CLIP zero-shot colour label = target"),):
+        for r in (r for r in records if r["bench"] == name):
+            lines += [f"| strength | {what} |", "|---|---|"]
+            lines += [f"| {s} | {v:.2f} |" for s, v in r["per_strength"].items()]
+            lines.append("")
+    vlm = [r for r in records if r["bench"] == "steer_vlm"]
+    if vlm:
+        by: dict[float, list[dict[str, Any]]] = {}
+        for r in vlm:
+            by.setdefault(r["strength"], []).append(r)
+        lines += [
+            "| latents set to (x typical) | caption colour = target | caption colour changed |",
+            "|---|---|---|",
+        ]
+        for strength, rs in sorted(by.items()):
+            hit = sum(r["caption_color_is_target"] for r in rs) / len(rs)
+            changed = sum(r["caption_color_changed"] for r in rs) / len(rs)
+            lines.append(f"| {strength} | {hit:.2f} | {changed:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default=str(models.PIPELINE_DIR))
     parser.add_argument("--vlm", default=str(models.VLM_DIR))
     parser.add_argument("--clip", default=str(models.CLIP_DIR))
     parser.add_argument("--parts", nargs="*", default=["clip", "diffusion", "unlearn", "vlm"])
-    parser.add_argument("--hookpoint", default="mid_block")
+    parser.add_argument("--hookpoint", default=bench.TEXT_HOOKPOINT)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--scenes", type=int, default=240, help="scenes for training/selection")
+    parser.add_argument("--scenes", type=int, default=1000, help="scenes for training/selection")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per steering target")
     parser.add_argument("--count", type=int, default=4, help="latents selected per step")
-    parser.add_argument("--strengths", type=float, nargs="*", default=[2.0, 4.0, 8.0])
+    parser.add_argument("--strengths", type=float, nargs="*", default=[1.0, 2.0, 4.0])
     parser.add_argument("--multipliers", type=float, nargs="*", default=[-1.0, -3.0])
-    parser.add_argument("--branch", default="both")
+    parser.add_argument("--branch", default="cond")
     parser.add_argument("--unlearn_shape", default="circle")
     parser.add_argument("--unlearn_color", default="red")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument("--markdown", type=Path, help="write the README tables to this file")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.scenes, args.prompts, args.steps = 96, 6, 10
+        args.scenes, args.prompts, args.steps = 400, 6, 10
     emit = Emitter(args.out)
     started = time.time()
 
@@ -181,6 +231,8 @@ def main() -> None:
         ):
             emit("steer_vlm", {**r, "seconds": round(time.time() - t, 1)})
     emit("total", {"seconds": round(time.time() - started, 1)})
+    if args.markdown is not None:
+        args.markdown.write_text(markdown(emit.records) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""Steering and unlearning on the shipped testbed models, read back by the oracle: looser
+versions of the figures `scripts/bench_steer.py` reports (see the README), so a regression in
+steering, selection or the shipped models fails CI."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from adapters_support import one_thread
+
+from saekit.steering import testbed as bench
+from saekit.testbed import models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _mean(records, key, strength):
+    values = [r[key] for r in records if r["strength"] == strength]
+    return sum(values) / len(values)
+
+
+def test_clip_image_embedding_steering_flips_the_zero_shot_colour():
+    model, tokenizer = models.load_clip(models.CLIP_DIR)
+    records = bench.clip_steering(model, tokenizer, n_train=600, n_test=60, strengths=(8.0,))
+    assert _mean(records, "zero_shot_is_target", 0.0) == 0.0  # images of other colours
+    assert _mean(records, "zero_shot_is_target", 8.0) >= 0.7  # measured 0.95
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    pipe = models.load_pipeline(models.PIPELINE_DIR)
+    return bench.diffusion_setup(pipe, n_scenes=SCENES, num_inference_steps=STEPS)
+
+
+SCENES, STEPS = 1000, 10
+
+
+def test_steering_the_pipeline_toward_a_colour(diffusion):
+    records = bench.diffusion_steering(
+        diffusion, "color", strengths=(STRENGTH,), prompts_per_target=6, count=4, branch=BRANCH
+    )
+    clean_success = _mean(records, "success", 0.0)
+    assert _mean(records, "success", STRENGTH) >= max(0.5, clean_success + 0.3)
+    assert _mean(records, "others_preserved", STRENGTH) >= 0.7
+
+
+STRENGTH, BRANCH = 2.0, "cond"
+
+
+@pytest.mark.slow
+def test_steering_the_pipeline_toward_a_shape(diffusion):
+    records = bench.diffusion_steering(
+        diffusion, "shape", strengths=(STRENGTH,), prompts_per_target=8, count=4, branch=BRANCH
+    )
+    assert _mean(records, "success", STRENGTH) >= 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("factor", "target"), [("shape", "circle"), ("color", "red")])
+def test_unlearning_a_value(diffusion, factor, target):
+    records = bench.diffusion_unlearning(
+        diffusion, factor, target, multipliers=(-3.0,), n_target=12, n_other=24
+    )
+    unlearned = records[-1]
+    assert unlearned["UA"] >= 0.75
+    assert unlearned["IRA"] >= 0.6
+    assert unlearned["CRA"] >= 0.7
+
+
+def test_clamping_a_colour_latent_changes_the_vlm_caption():
+    model, processor = models.load_vlm(models.VLM_DIR)
+    records = bench.vlm_steering(model, processor, n_train=100, n_test=16, strengths=(8.0,))
+    assert _mean(records, "caption_color_is_target", 0.0) == 0.0
+    assert _mean(records, "caption_color_changed", 8.0) >= 0.5
