@@ -2,10 +2,11 @@
 
     nice -n 10 python scripts/bench_steer.py [--pipeline DIR] [--vlm DIR] [--parts ...] [--quick]
 
-Trains TopK dictionaries with saekit's Trainer on activations collected in memory (the pipeline
-UNet's ``--hookpoint``, CLIP's image embeddings, a VLM language-model layer), selects each
-colour's and shape's latents with the scenes' factor labels (SAeUron's score, per denoising
-step), then measures (see ``saekit.steering.testbed``):
+Trains TopK dictionaries with saekit's Trainer on activations collected in memory (the
+pipeline's ``--hookpoint``, by default the last layer of its CLIP text tower; CLIP's image
+embeddings; a VLM language-model layer), selects each colour's and shape's latents with the
+scenes' factor labels (SAeUron's score; per denoising step for UNet hookpoints), then measures
+(see ``saekit.steering.testbed``):
 
 * ``steer_diffusion``: per colour / shape and strength (units of each latent's typical
   activation): oracle success rate, other factors preserved, pixel distance to the unsteered
@@ -136,7 +137,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per steering target")
     parser.add_argument("--count", type=int, default=4, help="latents selected per step")
     parser.add_argument("--strengths", type=float, nargs="*", default=[1.0, 2.0, 4.0])
-    parser.add_argument("--multipliers", type=float, nargs="*", default=[-1.0, -3.0])
+    parser.add_argument("--multipliers", type=float, nargs="*", default=[-1.0, -2.0, -4.0])
     parser.add_argument("--branch", default="cond")
     parser.add_argument("--unlearn_shape", default="circle")
     parser.add_argument("--unlearn_color", default="red")

@@ -279,3 +279,32 @@ def test_clip_image_embedding_add_and_image_scope():
     )
     after = model.get_image_features(pixel_values=pixels)
     assert torch.equal(getattr(after, "pooler_output", after), clean)
+
+
+def test_update_capture_edits_the_blocks_write(pipe):
+    """A dictionary of a block's update (output - input) is steered there: the output moves by
+    the same decoder row, and a no-op returns the block's own output."""
+    sae = tiny_sae(32, "mid_block")
+    sae.cfg.capture = "update"
+    with (
+        saekit.steer(pipe, sae, features=2, strength=1.5) as handle,
+        before_and_after(pipe.unet.mid_block) as (raw, steered),
+    ):
+        generate(pipe, PROMPTS, steps=1)
+    assert list(handle.transforms) == ["mid_block@update"]
+    delta = steered[0] - raw[0]
+    expected = (1.5 * sae.W_dec[2].detach())[None, :, None, None].expand_as(delta)
+    torch.testing.assert_close(delta, expected, rtol=0, atol=1e-5)
+
+
+def test_without_the_error_the_activation_is_the_edited_reconstruction(pipe, mid_sae):
+    edit = Intervention([5], kind="scale", strength=1.0, keep_error=False)
+    with (
+        saekit.steer(pipe, mid_sae, edit),
+        before_and_after(pipe.unet.mid_block) as (raw, steered),
+    ):
+        generate(pipe, PROMPTS, steps=1)
+    x = raw[0].permute(0, 2, 3, 1).reshape(-1, 32)  # (N, d)
+    y = steered[0].permute(0, 2, 3, 1).reshape(-1, 32)
+    torch.testing.assert_close(y, mid_sae(x).detach(), rtol=0, atol=1e-5)
+    assert not torch.allclose(x, y)  # the SAE error was dropped
