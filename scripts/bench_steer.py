@@ -64,6 +64,7 @@ def best_strength(records: list[dict[str, Any]], key: str = "success") -> dict[s
         s: {
             key: round(sum(r[key] for r in rs) / len(rs), 4),
             "others_preserved": round(sum(r["others_preserved"] for r in rs) / len(rs), 4),
+            "others_correct": round(sum(r["others_correct"] for r in rs) / len(rs), 4),
             "pixel_distance": round(sum(r["pixel_distance"] for r in rs) / len(rs), 4),
         }
         for s, rs in sorted(by_strength.items())
@@ -84,14 +85,16 @@ def markdown(records: list[dict[str, Any]]) -> str:
     best = [r for r in records if r["bench"] == "steer_diffusion_best"]
     if best:
         lines += [
-            "| steer toward | strength | success | other factors kept | pixel distance |",
-            "|---|---|---|---|---|",
+            "| steer toward | strength | success | other factors kept | other factors as prompted "
+            "| pixel distance |",
+            "|---|---|---|---|---|---|",
         ]
         for r in best:
             for strength, v in r["per_strength"].items():
                 lines.append(
                     f"| {r['factor']} | {strength} | {v['success']:.2f} | "
-                    f"{v['others_preserved']:.2f} | {v['pixel_distance']:.3f} |"
+                    f"{v['others_preserved']:.2f} | {v['others_correct']:.2f} | "
+                    f"{v['pixel_distance']:.3f} |"
                 )
         lines.append("")
     unlearned = [r for r in records if r["bench"] == "unlearn_diffusion"]

@@ -220,7 +220,9 @@ def diffusion_steering(
     seed: int = 1,
 ) -> list[dict[str, Any]]:
     """Steering toward each value of ``factor`` (colour or shape) from prompts that name another
-    value: one record per target and strength (strength 0: the unsteered samples)."""
+    value: one record per target and strength (strength 0: the unsteered samples). Success: the
+    oracle reads the target; others preserved: the other factors read as in the unsteered sample
+    (same prompt and noise); others correct: as the prompt asks."""
     from ..testbed import world
     from ..testbed.oracle import Oracle
 
@@ -249,16 +251,21 @@ def diffusion_steering(
                     images = _generate(setup.adapter, prompts, seed)
                 reads = _read(oracle, images)
             success = sum(r[factor] == target for r in reads) / len(reads)
-            kept = sum(
+            pairs = len(reads) * len(others)
+            # Preserved: as the unsteered sample of the same noise shows them; correct: as the
+            # prompt asks (bounded by the pipeline's own accuracy).
+            kept = sum(r[f] == c[f] for r, c in zip(reads, clean_read, strict=True) for f in others)
+            correct = sum(
                 r[f] == value_of(s, f) for r, s in zip(reads, scenes, strict=True) for f in others
-            ) / (len(reads) * len(others))
+            )
             records.append(
                 {
                     "factor": factor,
                     "target": target,
                     "strength": strength,
                     "success": round(success, 4),
-                    "others_preserved": round(kept, 4),
+                    "others_preserved": round(kept / pairs, 4),
+                    "others_correct": round(correct / pairs, 4),
                     "pixel_distance": round(float((images - clean).abs().mean()), 4),
                     "n": len(prompts),
                     "latents_per_step": count,
