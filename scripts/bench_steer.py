@@ -99,11 +99,15 @@ def markdown(records: list[dict[str, Any]]) -> str:
         lines.append("")
     unlearned = [r for r in records if r["bench"] == "unlearn_diffusion"]
     if unlearned:
-        lines += ["| unlearn | multiplier | UA | IRA | CRA |", "|---|---|---|---|---|"]
+        lines += [
+            "| unlearn | multiplier | UA | IRA | CRA | IRA / clean | CRA / clean |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in unlearned:
             lines.append(
                 f"| {r['factor']} {r['target']} | {r['multiplier']} | {r['UA']:.2f} | "
-                f"{r['IRA']:.2f} | {r['CRA']:.2f} |"
+                f"{r['IRA']:.2f} | {r['CRA']:.2f} | {r['IRA_vs_clean']:.2f} | "
+                f"{r['CRA_vs_clean']:.2f} |"
             )
         lines.append("")
     for name, what in (("steer_clip_mean", "CLIP zero-shot colour label = target"),):
@@ -141,6 +145,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=4, help="latents selected per step")
     parser.add_argument("--strengths", type=float, nargs="*", default=[1.0, 2.0, 4.0])
     parser.add_argument("--multipliers", type=float, nargs="*", default=[-1.0, -2.0, -4.0])
+    parser.add_argument("--unlearn_count", type=int, default=8, help="latents per concept")
     parser.add_argument("--branch", default="cond")
     parser.add_argument("--unlearn_shape", default="circle")
     parser.add_argument("--unlearn_color", default="red")
@@ -221,7 +226,7 @@ def main() -> None:
                     factor,
                     target,
                     multipliers=args.multipliers,
-                    count=args.count,
+                    count=args.unlearn_count,
                     n_target=n,
                     n_other=2 * n,
                 ):

@@ -302,6 +302,7 @@ def diffusion_unlearning(
     prompts = [s.caption() for s in scenes]
     others = [f for f in world.FACTORS if f != factor]
     records = []
+    clean_ira = clean_cra = 1.0
     for multiplier in (0.0, *multipliers):
         if multiplier == 0:
             images = _generate(setup.adapter, prompts, seed)
@@ -317,6 +318,8 @@ def diffusion_unlearning(
         cra = sum(
             r[f] == value_of(s, f) for r, s in zip(reads, scenes, strict=True) for f in others
         ) / (len(reads) * len(others))
+        if multiplier == 0:
+            clean_ira, clean_cra = max(ira, 1e-9), max(cra, 1e-9)
         records.append(
             {
                 "factor": factor,
@@ -325,6 +328,9 @@ def diffusion_unlearning(
                 "UA": round(ua, 4),
                 "IRA": round(ira, 4),
                 "CRA": round(cra, 4),
+                # relative to the clean pipeline's own accuracy on the same prompts and noise
+                "IRA_vs_clean": round(ira / clean_ira, 4),
+                "CRA_vs_clean": round(cra / clean_cra, 4),
                 "n_target": len(on_target),
                 "n_other": len(off_target),
                 "latents_per_step": count,
