@@ -95,6 +95,16 @@ def test_unlearn_command_selects_saves_and_applies(pipeline_dir, tmp_path):
     assert [i["features"] for i in again["interventions"]] == [
         i["features"] for i in applied["interventions"]
     ]  # a latent named twice is scaled once
+    # steer reads the selection too: its latents, with strengths in units of their typical value
+    out3 = tmp_path / "out3"
+    assert main(
+        ["steer", str(root / "pipeline"), "--saes", str(root / "sae"), "--selection",
+         str(out / "red.json"), "--relative", "true", "--strength", "2", "--prompts",
+         "a blue square", "--num_inference_steps", "2", "--output_dir", str(out3)]
+    ) == 0  # fmt: skip
+    (steered,) = json.loads((out3 / "applied.json").read_text())["interventions"]
+    selected = {f for e in selection["entries"] for f in e["features"]}
+    assert set(steered["features"]) == selected and steered["relative"] is True
 
 
 def test_steer_command_on_a_vlm_writes_texts(tmp_path):
