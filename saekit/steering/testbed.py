@@ -408,19 +408,22 @@ def vlm_steering(
     model: Any,
     processor: Any,
     *,
-    layer: int = 1,
+    layer: int = 0,
     n_train: int = 300,
     n_test: int = 48,
-    strengths: Sequence[float] = (2.0, 4.0, 8.0),
+    strengths: Sequence[float] = (4.0, 8.0, 16.0),
     count: int = 2,
+    tokens: str = "image",
     expansion: int = 8,
     k: int = 8,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Set a colour's latents (relative strength) at every position of a language-model layer
-    during captioning; the share of captions whose colour word becomes the target."""
+    """Set a colour's latents (relative strength) in a language-model layer during captioning,
+    at the image positions (``tokens="image"``: the colour is selected and clamped where the
+    image is) or everywhere (``"all"``); the share of captions whose colour word becomes the
+    target, and the share whose colour word changed."""
     from ..adapters.base import Sample
-    from ..adapters.vlm import VLMAdapter
+    from ..adapters.vlm import IMAGE, VLMAdapter
     from ..testbed import world
     from ..testbed.vlm import CAPTION_PROMPT, caption
 
@@ -431,6 +434,8 @@ def vlm_steering(
     samples = [Sample(i, image=img, prompt=CAPTION_PROMPT) for i, img in enumerate(pil)]
     rows = collect_rows(adapter, [hookpoint], samples, batch_size=32)[hookpoint]
     sae = train_dictionary(rows.values, hookpoint=hookpoint, expansion=expansion, k=k, seed=seed)
+    if tokens == "image" and rows.stream is not None:
+        rows = rows.select(rows.stream == IMAGE)
     selections = factor_selections(sae, hookpoint, rows, scenes, "color", count=count)
     test = world.sample_scenes(n_test, seed=70_000 + seed, objects=1)
     test_images = world.render(test)
@@ -443,6 +448,8 @@ def vlm_steering(
                 texts = clean
             else:
                 interventions = selection_interventions(selection, kind="set", strength=strength)
+                for intervention in interventions:
+                    intervention.scope = Scope(tokens=tokens)  # type: ignore[arg-type]
                 with steer(model, sae, interventions, typical=selection):
                     texts = caption(model, processor, test_images)
             hits = sum(_color_word(texts[i]) == target for i in keep) / len(keep)
@@ -456,6 +463,7 @@ def vlm_steering(
                     "caption_color_changed": round(changed, 4),
                     "n": len(keep),
                     "layer": layer,
+                    "tokens": tokens,
                 }
             )
     return records
