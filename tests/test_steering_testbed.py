@@ -34,49 +34,60 @@ def test_clip_image_embedding_steering_flips_the_zero_shot_colour():
     assert _mean(records, "zero_shot_is_target", 8.0) >= 0.7  # measured 0.95
 
 
+SCENES, STEPS = 1000, 10  # prompts whose text-tower rows train the dictionary; sampler steps
+STRENGTH = 2.0  # units of each latent's typical activation
+
+
 @pytest.fixture(scope="module")
 def diffusion():
     pipe = models.load_pipeline(models.PIPELINE_DIR)
     return bench.diffusion_setup(pipe, n_scenes=SCENES, num_inference_steps=STEPS)
 
 
-SCENES, STEPS = 1000, 10
-
-
 def test_steering_the_pipeline_toward_a_colour(diffusion):
     records = bench.diffusion_steering(
-        diffusion, "color", strengths=(STRENGTH,), prompts_per_target=6, count=4, branch=BRANCH
+        diffusion, "color", strengths=(STRENGTH,), prompts_per_target=6, count=4, branch="cond"
     )
-    clean_success = _mean(records, "success", 0.0)
-    assert _mean(records, "success", STRENGTH) >= max(0.5, clean_success + 0.3)
-    assert _mean(records, "others_preserved", STRENGTH) >= 0.7
+    assert _mean(records, "success", 0.0) <= 0.2  # the prompts name another colour
+    assert _mean(records, "success", STRENGTH) >= COLOR_SUCCESS
+    assert _mean(records, "others_preserved", STRENGTH) >= COLOR_PRESERVED
 
 
-STRENGTH, BRANCH = 2.0, "cond"
+COLOR_SUCCESS, COLOR_PRESERVED = 0.6, 0.5
+
+
+def test_unlearning_a_colour(diffusion):
+    records = bench.diffusion_unlearning(
+        diffusion, "color", "red", multipliers=(-1.0,), count=8, n_target=12, n_other=24
+    )
+    clean, unlearned = records
+    assert unlearned["UA"] >= max(0.75, clean["UA"] + 0.3)
+    assert unlearned["IRA_vs_clean"] >= 0.8
+    assert unlearned["CRA_vs_clean"] >= 0.8
 
 
 @pytest.mark.slow
 def test_steering_the_pipeline_toward_a_shape(diffusion):
     records = bench.diffusion_steering(
-        diffusion, "shape", strengths=(STRENGTH,), prompts_per_target=8, count=4, branch=BRANCH
+        diffusion, "shape", strengths=(STRENGTH,), prompts_per_target=8, count=4, branch="cond"
     )
-    assert _mean(records, "success", STRENGTH) >= 0.5
+    assert _mean(records, "success", STRENGTH) >= _mean(records, "success", 0.0) + 0.2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("factor", "target"), [("shape", "circle"), ("color", "red")])
-def test_unlearning_a_value(diffusion, factor, target):
+def test_unlearning_a_shape(diffusion):
     records = bench.diffusion_unlearning(
-        diffusion, factor, target, multipliers=(-3.0,), n_target=12, n_other=24
+        diffusion, "shape", "circle", multipliers=(-2.0,), count=8, n_target=12, n_other=24
     )
-    unlearned = records[-1]
-    assert unlearned["UA"] >= 0.75
-    assert unlearned["IRA"] >= 0.6
-    assert unlearned["CRA"] >= 0.7
+    clean, unlearned = records
+    assert unlearned["UA"] >= max(0.6, clean["UA"] + 0.2)
+    assert unlearned["IRA_vs_clean"] >= 0.7
+    assert unlearned["CRA_vs_clean"] >= 0.7
 
 
 def test_clamping_a_colour_latent_changes_the_vlm_caption():
     model, processor = models.load_vlm(models.VLM_DIR)
     records = bench.vlm_steering(model, processor, n_train=100, n_test=16, strengths=(8.0,))
     assert _mean(records, "caption_color_is_target", 0.0) == 0.0
-    assert _mean(records, "caption_color_changed", 8.0) >= 0.5
+    assert _mean(records, "caption_color_changed", 8.0) >= 0.5  # measured 0.81
+    assert _mean(records, "caption_color_is_target", 8.0) >= 0.2  # measured 0.34
