@@ -308,3 +308,24 @@ def test_without_the_error_the_activation_is_the_edited_reconstruction(pipe, mid
     y = steered[0].permute(0, 2, 3, 1).reshape(-1, 32)
     torch.testing.assert_close(y, mid_sae(x).detach(), rtol=0, atol=1e-5)
     assert not torch.allclose(x, y)  # the SAE error was dropped
+
+
+def test_where_active_gates_rows_by_the_dictionarys_own_latents(pipe, mid_sae):
+    with before_and_after(pipe.unet.mid_block) as (raw, _):
+        generate(pipe, PROMPTS, steps=1)
+    x = raw[0].permute(0, 2, 3, 1).reshape(-1, 32)  # (N, d)
+    dense = mid_sae.encode_dense(x)  # (N, d_sae)
+    rate = (dense > 0).float().mean(0)
+    gate = int(((rate > 0.1) & (rate < 0.9)).nonzero()[0])  # fires on some rows, not all
+    scope = Scope(where_active=(gate,))
+    with (
+        saekit.steer(pipe, mid_sae, features=3, strength=2.0, scope=scope),
+        before_and_after(pipe.unet.mid_block) as (raw2, steered),
+    ):
+        generate(pipe, PROMPTS, steps=1)
+    delta = (steered[0] - raw2[0]).permute(0, 2, 3, 1).reshape(-1, 32)
+    fires = dense[:, gate] > 0
+    torch.testing.assert_close(
+        delta[fires], (2.0 * mid_sae.W_dec[3].detach()).expand_as(delta[fires]), rtol=0, atol=1e-6
+    )
+    assert delta[~fires].abs().max() == 0

@@ -66,6 +66,10 @@ class Scope:
     ``decode`` calls that each add one token, or ``all``."""
     decode_steps: tuple[int, int] | None = None
     """Decoding calls ``[start, stop)`` (0: the first call after the prefill); None: all."""
+    where_active: tuple[int, ...] | None = None
+    """Only rows where one of these latents of the dictionary fires (e.g. every colour latent,
+    to steer a colour only at the tokens that carry one; SAeUron edits a concept only where its
+    latents fire the same way); None: every row."""
 
     def __post_init__(self) -> None:
         if self.tokens not in ("all", "image", "text"):
@@ -87,6 +91,8 @@ class Scope:
                 setattr(self, name, window)
         if self.positions is not None:
             self.positions = tuple(int(p) for p in self.positions)
+        if self.where_active is not None:
+            self.where_active = tuple(int(f) for f in self.where_active)
         if self.mask is not None:
             mask = torch.as_tensor(self.mask, dtype=torch.float32)
             if mask.ndim != 2:
@@ -100,7 +106,7 @@ class Scope:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["mask"] = None if self.mask is None else self.mask.tolist()
-        for name in ("positions", "steps", "decode_steps"):
+        for name in ("positions", "steps", "decode_steps", "where_active"):
             out[name] = None if out[name] is None else list(out[name])
         return out
 
@@ -111,7 +117,7 @@ class Scope:
         if unknown:
             raise ConfigError(f"unknown scope fields {sorted(unknown)}; known: {sorted(known)}")
         data = dict(data)
-        for name in ("positions", "steps", "decode_steps"):
+        for name in ("positions", "steps", "decode_steps", "where_active"):
             if data.get(name) is not None:
                 data[name] = tuple(data[name])
         if data.get("mask") is not None:
@@ -168,8 +174,9 @@ class Intervention:
 
     @property
     def needs_codes(self) -> bool:
-        """Whether the edit reads the current latent values (all kinds but ``add``)."""
-        return self.kind != "add"
+        """Whether the edit reads the current latent values (all kinds but an unconditional
+        ``add``)."""
+        return self.kind != "add" or self.scope.where_active is not None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

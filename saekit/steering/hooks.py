@@ -52,6 +52,15 @@ def feature_values(codes: SparseCodes, features: Tensor) -> Tensor:
     return out
 
 
+def _rows_where_active(codes: SparseCodes, features: Sequence[int], n: int) -> Tensor:
+    """``(N,)`` whether any of ``features`` fires (value > 0) on each row of ``codes``."""
+    wanted = torch.tensor(features, dtype=torch.long, device=codes.indices.device)
+    hit = torch.isin(codes.indices, wanted) & (codes.values > 0)  # (nnz,)
+    out = torch.zeros(n, dtype=torch.bool, device=codes.indices.device)
+    out[codes.rows()[hit]] = True
+    return out
+
+
 def resize_mask(mask: Tensor, height: int, width: int) -> Tensor:
     """An ``(H, W)`` mask resized to a block's ``(height, width)`` grid: area averaging when
     shrinking (a cell's weight is the mask's mean over the pixels it covers), nearest when
@@ -236,6 +245,19 @@ class SteeringTransform:
         device, dtype = self.sae.device, self.sae.dtype
         needs_codes = not keep_error or any(self.interventions[i].needs_codes for i in row_weights)
         codes = self.sae.encode(rows) if needs_codes else None
+        for i, w in list(row_weights.items()):
+            gate = self.interventions[i].scope.where_active
+            if gate is None:
+                continue
+            assert codes is not None
+            fires = _rows_where_active(codes, gate, n)  # (N,) bool
+            gated = fires.float().cpu() if w is None else w.reshape(-1) * fires.float().cpu()
+            if not bool(gated.any()):
+                del row_weights[i]
+                continue
+            row_weights[i] = gated
+        if not row_weights and keep_error:
+            return None
         if codes is not None:
             original = feature_values(codes, self.features.to(device))  # (N, F)
         else:

@@ -216,13 +216,15 @@ def diffusion_steering(
     prompts_per_target: int = 16,
     count: int = 4,
     branch: str = "both",
+    gate: bool = True,
     oracle: Any = None,
     seed: int = 1,
 ) -> list[dict[str, Any]]:
     """Steering toward each value of ``factor`` (colour or shape) from prompts that name another
     value: one record per target and strength (strength 0: the unsteered samples). Success: the
     oracle reads the target; others preserved: the other factors read as in the unsteered sample
-    (same prompt and noise); others correct: as the prompt asks."""
+    (same prompt and noise); others correct: as the prompt asks. ``gate``: edit only the rows
+    where one of the factor's latents (any value's) fires, the tokens that carry the factor."""
     from ..testbed import world
     from ..testbed.oracle import Oracle
 
@@ -231,6 +233,9 @@ def diffusion_steering(
         setup.sae, setup.hookpoint, setup.rows, setup.scenes, factor, count=count
     )
     others = [f for f in world.FACTORS if f != factor]
+    factor_latents = tuple(
+        sorted({f for sel in selections.values() for e in sel.entries for f in e.features})
+    )
     records = []
     for target_index, (target, selection) in enumerate(selections.items()):
         pool = world.sample_scenes(
@@ -247,6 +252,9 @@ def diffusion_steering(
                 interventions = selection_interventions(
                     selection, kind="add", strength=strength, branch=branch
                 )
+                if gate:
+                    for intervention in interventions:
+                        intervention.scope.where_active = factor_latents
                 with steer(setup.adapter, setup.sae, interventions, typical=selection):
                     images = _generate(setup.adapter, prompts, seed)
                 reads = _read(oracle, images)
