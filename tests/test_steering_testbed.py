@@ -53,7 +53,7 @@ def test_steering_the_pipeline_toward_a_colour(diffusion):
     assert _mean(records, "others_preserved", STRENGTH) >= COLOR_PRESERVED
 
 
-COLOR_SUCCESS, COLOR_PRESERVED = 0.6, 0.5
+COLOR_SUCCESS, COLOR_PRESERVED = 0.6, 0.6  # measured 0.83, 0.80 (10 steps)
 
 
 def test_unlearning_a_colour(diffusion):
