@@ -53,7 +53,7 @@ def test_steering_the_pipeline_toward_a_colour(diffusion):
     assert _mean(records, "others_preserved", STRENGTH) >= COLOR_PRESERVED
 
 
-COLOR_SUCCESS, COLOR_PRESERVED = 0.6, 0.6  # measured 0.83, 0.80 (10 steps)
+COLOR_SUCCESS, COLOR_PRESERVED = 0.6, 0.6  # measured 0.94, 0.785 (10 steps)
 
 
 def test_unlearning_a_colour(diffusion):
@@ -61,9 +61,9 @@ def test_unlearning_a_colour(diffusion):
         diffusion, "color", "red", multipliers=(-1.0,), count=8, n_target=12, n_other=24
     )
     clean, unlearned = records
-    assert unlearned["UA"] >= max(0.75, clean["UA"] + 0.3)
-    assert unlearned["IRA_vs_clean"] >= 0.8
-    assert unlearned["CRA_vs_clean"] >= 0.8
+    assert unlearned["UA"] >= max(0.75, clean["UA"] + 0.3)  # measured 1.0 (clean 0.25)
+    assert unlearned["IRA_vs_clean"] >= 0.8  # measured 1.13
+    assert unlearned["CRA_vs_clean"] >= 0.8  # measured 0.93
 
 
 @pytest.mark.slow
@@ -71,7 +71,8 @@ def test_steering_the_pipeline_toward_a_shape(diffusion):
     records = bench.diffusion_steering(
         diffusion, "shape", strengths=(STRENGTH,), prompts_per_target=8, count=4, branch="cond"
     )
-    assert _mean(records, "success", STRENGTH) >= _mean(records, "success", 0.0) + 0.2
+    success = _mean(records, "success", STRENGTH)
+    assert success >= _mean(records, "success", 0.0) + 0.2  # measured 0.68 (clean 0.08)
 
 
 @pytest.mark.slow
@@ -80,9 +81,9 @@ def test_unlearning_a_shape(diffusion):
         diffusion, "shape", "circle", multipliers=(-2.0,), count=8, n_target=12, n_other=24
     )
     clean, unlearned = records
-    assert unlearned["UA"] >= max(0.6, clean["UA"] + 0.2)
-    assert unlearned["IRA_vs_clean"] >= 0.7
-    assert unlearned["CRA_vs_clean"] >= 0.7
+    assert unlearned["UA"] >= max(0.6, clean["UA"] + 0.2)  # measured 0.92 (clean 0.0)
+    assert unlearned["IRA_vs_clean"] >= 0.7  # measured 0.79
+    assert unlearned["CRA_vs_clean"] >= 0.7  # measured 1.0
 
 
 def test_clamping_a_colour_latent_changes_the_vlm_caption():
