@@ -7,6 +7,8 @@ features, and evaluate them.
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 from .dictionaries import (
@@ -38,7 +40,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     # saekit.steer loads lazily: steering imports the adapters, which `import saekit` should not.
     if name == "steer":
         from .steering import steer
