@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--parts", nargs="*", default=["clip", "diffusion", "unlearn", "vlm"])
     parser.add_argument("--hookpoint", default=bench.TEXT_HOOKPOINT)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument(
+        "--guidance", type=float, default=1.0, help="CFG scale (1: the testbed's default, unguided)"
+    )
     parser.add_argument("--scenes", type=int, default=1000, help="scenes for training/selection")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per steering target")
     parser.add_argument("--count", type=int, default=4, help="latents selected per step")
@@ -183,7 +186,11 @@ def main() -> None:
         pipe = models.load_pipeline(args.pipeline)
         t = time.time()
         setup = bench.diffusion_setup(
-            pipe, hookpoint=args.hookpoint, n_scenes=args.scenes, num_inference_steps=args.steps
+            pipe,
+            hookpoint=args.hookpoint,
+            n_scenes=args.scenes,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
         )
         emit(
             "steer_setup",

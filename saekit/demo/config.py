@@ -33,8 +33,9 @@ class DemoConfig:
     denoising_steps: int = 8
     """Sampler steps per prompt while caching the denoiser (every step's rows are kept)."""
 
-    guidance_scale: float = 3.0
-    """Classifier-free guidance of the testbed pipeline (only the conditional half is cached)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance of the testbed pipeline (1: none, its best setting; above 1
+    only the conditional half of each guided batch is cached)."""
 
     clip_block: str = "vision_model.encoder.layers.2"
     """The contrastive model's image-tower residual stream at a middle block (of 4)."""

@@ -161,7 +161,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
             cfg.denoiser_block,
             caches / f"denoiser_{tag}",
             seed=cfg.seed,
-            rows=RowFilter(branches=["cond"]),  # the unconditional half never saw the prompt
+            # the unconditional half of a guided batch never saw the prompt
+            rows=RowFilter(branches=["cond"]) if cfg.guidance_scale != 1.0 else None,
             model_options=diffusion_options,
         )
 
@@ -200,7 +201,9 @@ def _generation(
 
     pipe = models.load_pipeline(pipeline_dir)
     scenes = split.scenes[: max(cfg.steering_prompts, 16)]
-    result = pipeline_accuracy(pipe, scenes, Oracle(), seed=cfg.seed)
+    result = pipeline_accuracy(
+        pipe, scenes, Oracle(), seed=cfg.seed, guidance_scale=cfg.guidance_scale
+    )
     accuracy = {k: round(v, 3) for k, v in result.score.accuracy.items()}
     grid = report_files.save_grid(result.images, out / "samples.png", ncols=8)
     return {"prompts": result.prompts, "oracle_accuracy": accuracy, "grid_png": grid}

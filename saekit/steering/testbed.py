@@ -165,7 +165,7 @@ def diffusion_setup(
     hookpoint: str = TEXT_HOOKPOINT,
     n_scenes: int = 240,
     num_inference_steps: int = 20,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = 1.0,
     expansion: int = 8,
     k: int = 8,
     seed: int = 0,

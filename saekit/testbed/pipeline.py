@@ -121,7 +121,7 @@ class TestbedPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str],
         num_inference_steps: int = 20,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = 1.0,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -130,7 +130,10 @@ class TestbedPipeline(DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple[Any]:
         """Generate images for ``prompt``.
 
-        ``guidance_scale`` 1 disables classifier-free guidance; ``generator``: one, or one
+        ``guidance_scale`` 1 (the default) disables classifier-free guidance: the shipped UNet
+        follows its prompt best without it (oracle on 192 held-out captions, 20 DDIM steps:
+        colour 0.92 / shape 0.96 / position 0.98 unguided, 0.54 / 0.58 / 0.84 at guidance 3, whose
+        samples often hold extra objects); larger values still work. ``generator``: one, or one
         per image (diffusers' convention); ``latents`` (starting noise in the UNet's sample
         space, ``(B, 12, 16, 16)``) makes a run repeatable across prompts; ``output_type``: ``"pt"`` (float
         ``(B, 3, H, W)`` in [0, 1]), ``"np"`` (``(B, H, W, 3)``) or ``"pil"``.
