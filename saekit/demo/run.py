@@ -7,7 +7,9 @@
 3. train: a TopK dictionary on each cache;
 4. score: reconstruction on held-out caches, every latent against every factor value (AUROC,
    best F1), the best-aligned latents with their top-activating inputs;
-5. report: ``report.json``, ``report.html`` and PNG grids in the output folder.
+5. report: ``report.json``, ``report.html`` and PNG grids in the output folder, with samples
+   of the text-to-image model and, with ``steering``, before/after grids of steering toward a
+   colour and unlearning a shape (``saekit.steering``), read by the oracle.
 """
 
 from __future__ import annotations
@@ -187,6 +189,11 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         )
     }
     report["generation"] = _generation(cfg, pipeline_dir, text_held, out)
+    if cfg.steering:
+        from .steering import run_steering
+
+        say("[demo] 5/5 report: steering toward a colour and unlearning a shape")
+        report["steering"] = run_steering(cfg, pipeline_dir, out, say)
     report["seconds"] = time.perf_counter() - began
     atomic_write_json(out / "report.json", report)
     report_files.write_html(report, out / "report.html")
