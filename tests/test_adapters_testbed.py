@@ -123,7 +123,7 @@ def test_testbed_clip_caches_the_image_tower_at_a_middle_block(tmp_path, testbed
 
 def test_testbed_pipeline_caches_the_denoisers_mid_block(tmp_path, testbed):
     root, scenes = testbed
-    adapter = load_adapter(str(root / "pipeline"), num_inference_steps=2)
+    adapter = load_adapter(str(root / "pipeline"), num_inference_steps=2, guidance_scale=3.0)
     assert isinstance(adapter, DiffusionAdapter)
     hooks = ["mid_block.attentions.0", "text_encoder.encoder.layers.3"]
     assert hooks[0] in {h.name for h in adapter.hookpoints()}
