@@ -272,23 +272,28 @@ def sparse_decode(
     return _weighted_row_sum(indices, offsets, k, values, W_dec)
 
 
+GATHER_CHUNK_BYTES = 2 << 20
+"""Gathered rows per chunk of :func:`_gathered_dots`: about an L2 cache (2 MiB), so the rows
+are still cached when they are reduced (16 MiB chunks ran ~3x slower on a 2-core CPU)."""
+
+
 def _gathered_dots(vectors: Tensor, indices: Tensor, table: Tensor) -> Tensor:
     """(N, k) ``<vectors[n], table[indices[n, j]]>``, gathering the k rows of each token in chunks
     of a reused buffer: the whole (N, k, d) gather would be a fresh tensor of tens of MB per
     step, whose page faults cost more than the arithmetic."""
     n, k = indices.shape
     d = table.shape[1]
-    step = max(1, CHUNK_BYTES // (k * d * table.element_size()))
+    step = max(1, GATHER_CHUNK_BYTES // (k * d * table.element_size()))
     out = vectors.new_empty(n, k)
     buffer = table.new_empty(min(n, step) * k, d)
     for start, stop in _row_chunks(n, step):
         rows = buffer[: (stop - start) * k]
         torch.index_select(table, 0, indices[start:stop].reshape(-1), out=rows)
-        # (rows, k, d) @ (rows, d, 1): one dot product per token and active latent.
-        torch.bmm(
-            rows.view(stop - start, k, d),
-            vectors[start:stop].unsqueeze(-1),
-            out=out[start:stop].unsqueeze(-1),
+        # (rows, k, d) . (rows, 1, d) -> (rows, k): one dot product per token and active latent.
+        # vecdot is a fused multiply-reduce; bmm of (k x d) @ (d x 1) matrices was 3-4x slower
+        # here (many tiny GEMMs), as were chunks larger than the L2 cache.
+        torch.linalg.vecdot(
+            rows.view(stop - start, k, d), vectors[start:stop].unsqueeze(1), out=out[start:stop]
         )
     return out
 
