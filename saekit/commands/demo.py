@@ -32,11 +32,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(DemoConfig, args.config, collect_overrides(args, DemoConfig))
-    if args.quick:
-        overrides = collect_overrides(args, DemoConfig)
-        quick = cfg.quick()  # explicit flags win over the quick sizes
-        cfg = dataclasses.replace(quick, **{k: getattr(cfg, k) for k in overrides})
+    overrides = collect_overrides(args, DemoConfig)
+    cfg = load_config(DemoConfig, args.config, overrides)
+    if args.quick:  # explicit flags win over the quick sizes
+        cfg = dataclasses.replace(cfg.quick(), **{k: getattr(cfg, k) for k in overrides})
     report = run_demo(cfg)
     summary = {
         name: {

@@ -41,12 +41,17 @@ def _number(value: Any) -> str:
     return _e(value)
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def _table(rows: list[dict[str, Any]], *, html_columns: tuple[str, ...] = ()) -> str:
+    """An HTML table of ``rows``; values in ``html_columns`` are markup already, the rest are
+    escaped (floats to 3 decimals)."""
     if not rows:
         return "<p>(none)</p>"
     head = "".join(f"<th>{_e(k)}</th>" for k in rows[0])
     body = "".join(
-        "<tr>" + "".join(f"<td>{_number(v)}</td>" for v in row.values()) + "</tr>" for row in rows
+        "<tr>"
+        + "".join(f"<td>{v if k in html_columns else _number(v)}</td>" for k, v in row.items())
+        + "</tr>"
+        for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -86,19 +91,11 @@ def _model_section(title: str, part: dict[str, Any]) -> str:
                 else _e("; ".join(best.get("top_prompts", []))),
             }
         )
-    # the thumbnails are HTML already: build this table by hand
-    head = "".join(f"<th>{_e(k)}</th>" for k in rows[0]) if rows else ""
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td>{v if k == 'top inputs' else _number(v)}</td>" for k, v in row.items())
-        + "</tr>"
-        for row in rows
-    )
     figures = "".join(_figure(src, caption) for src, caption in part.get("figures", []))
     return (
         f"<h2>{_e(title)}</h2>{summary}<div class='figs'>{figures}</div>"
         f"<h3>Best-aligned latent per factor value (held-out inputs)</h3>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        + _table(rows, html_columns=("top inputs",))
     )
 
 

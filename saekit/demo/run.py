@@ -188,25 +188,23 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
             world.render(clip_held.scenes[:32]), out / "inputs.png", ncols=16
         )
     }
-    report["generation"] = _generation(cfg, pipeline_dir, text_held, out)
+    pipe = models.load_pipeline(pipeline_dir)  # once, for the samples and the steering
+    report["generation"] = _generation(cfg, pipe, text_held, out)
     if cfg.steering:
         from .steering import run_steering
 
         say("[demo] 5/5 report: steering toward a colour and unlearning a shape")
-        report["steering"] = run_steering(cfg, pipeline_dir, out, say)
+        report["steering"] = run_steering(cfg, pipe, out, say)
     report["seconds"] = time.perf_counter() - began
     atomic_write_json(out / "report.json", report)
     report_files.write_html(report, out / "report.html")
     return report
 
 
-def _generation(
-    cfg: DemoConfig, pipeline_dir: Path, split: WorldSplit, out: Path
-) -> dict[str, Any]:
+def _generation(cfg: DemoConfig, pipe: Any, split: WorldSplit, out: Path) -> dict[str, Any]:
     """Samples of held-out captions and the oracle's verdict on each factor."""
     from ..testbed.evaluate import pipeline_accuracy
 
-    pipe = models.load_pipeline(pipeline_dir)
     scenes = split.scenes[: max(cfg.steering_prompts, 16)]
     result = pipeline_accuracy(
         pipe, scenes, Oracle(), seed=cfg.seed, guidance_scale=cfg.guidance_scale

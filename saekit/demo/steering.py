@@ -16,13 +16,14 @@ import torch
 
 from ..steering import steer, unlearn
 from ..steering.testbed import (
-    DiffusionSetup,
     diffusion_setup,
     factor_selections,
+    generate_images,
+    read_factors,
     selection_interventions,
     value_of,
 )
-from ..testbed import models, world
+from ..testbed import world
 from ..testbed.oracle import Oracle
 from . import report as report_files
 from .config import DemoConfig
@@ -31,17 +32,9 @@ STEER_FACTOR, STEER_TARGET, STEER_STRENGTH = "color", "red", 2.0
 UNLEARN_FACTOR, UNLEARN_TARGET, UNLEARN_MULTIPLIER = "shape", "circle", -2.0
 
 
-def _generate(setup: DiffusionSetup, prompts: list[str], seed: int) -> torch.Tensor:
-    return setup.adapter.generate(prompts, seed=seed).images  # (N, 3, H, W)
-
-
 def _read(oracle: Oracle, images: torch.Tensor, factor: str) -> list[str | None]:
     """The oracle's reading of ``factor`` for each image (None: no object found)."""
-    out: list[str | None] = []
-    for reading in oracle.read(images):
-        main = reading.main
-        out.append(None if main is None else getattr(main, factor))
-    return out
+    return [facts[factor] for facts in read_factors(oracle, images)]
 
 
 def _pair_grid(before: torch.Tensor, after: torch.Tensor, path: Path) -> str:
@@ -49,9 +42,8 @@ def _pair_grid(before: torch.Tensor, after: torch.Tensor, path: Path) -> str:
     return report_files.save_grid(torch.cat([before, after]), path, ncols=len(before))
 
 
-def run_steering(cfg: DemoConfig, pipeline_dir: Path, out: Path, say: Any) -> dict[str, Any]:
-    """Steer toward red and unlearn circles; returns the report's ``steering`` section."""
-    pipe = models.load_pipeline(pipeline_dir)
+def run_steering(cfg: DemoConfig, pipe: Any, out: Path, say: Any) -> dict[str, Any]:
+    """Steer ``pipe`` toward red and unlearn circles; returns the report's ``steering`` section."""
     n_scenes = 240 if cfg.steering_prompts < 16 else 600
     setup = diffusion_setup(
         pipe,
@@ -71,10 +63,10 @@ def run_steering(cfg: DemoConfig, pipeline_dir: Path, out: Path, say: Any) -> di
     )[STEER_TARGET]
     scenes = [s for s in pool if value_of(s, STEER_FACTOR) != STEER_TARGET][:n]
     prompts = [s.caption() for s in scenes]
-    clean = _generate(setup, prompts, cfg.seed)
+    clean = generate_images(setup.adapter, prompts, cfg.seed)
     interventions = selection_interventions(selection, kind="add", strength=STEER_STRENGTH)
     with steer(setup.adapter, setup.sae, interventions, typical=selection):
-        steered = _generate(setup, prompts, cfg.seed)
+        steered = generate_images(setup.adapter, prompts, cfg.seed)
     before, after = _read(oracle, clean, STEER_FACTOR), _read(oracle, steered, STEER_FACTOR)
     steer_row = {
         "target": f"{STEER_FACTOR}={STEER_TARGET}",
@@ -94,9 +86,9 @@ def run_steering(cfg: DemoConfig, pipeline_dir: Path, out: Path, say: Any) -> di
     other = [s for s in pool if value_of(s, UNLEARN_FACTOR) != UNLEARN_TARGET][: n - len(named)]
     scenes = named + other
     prompts = [s.caption() for s in scenes]
-    clean_u = _generate(setup, prompts, cfg.seed)
+    clean_u = generate_images(setup.adapter, prompts, cfg.seed)
     with unlearn(setup.adapter, setup.sae, shape_selection, multiplier=UNLEARN_MULTIPLIER):
-        forgot = _generate(setup, prompts, cfg.seed)
+        forgot = generate_images(setup.adapter, prompts, cfg.seed)
     read_clean, read_forgot = (_read(oracle, x, UNLEARN_FACTOR) for x in (clean_u, forgot))
     k = len(named)
     asked = [value_of(s, UNLEARN_FACTOR) for s in other]

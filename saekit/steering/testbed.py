@@ -189,7 +189,8 @@ def diffusion_setup(
     return DiffusionSetup(adapter, sae, hookpoint, rows, scenes)
 
 
-def _generate(adapter: Any, prompts: list[str], seed: int) -> Tensor:
+def generate_images(adapter: Any, prompts: list[str], seed: int) -> Tensor:
+    """Images ``(N, 3, H, W)`` of ``prompts`` (prompt i from noise seeded ``seed + i``)."""
     chunks = []
     for start in range(0, len(prompts), 64):
         out = adapter.generate(prompts[start : start + 64], seed=seed + start)
@@ -197,7 +198,8 @@ def _generate(adapter: Any, prompts: list[str], seed: int) -> Tensor:
     return torch.cat(chunks)
 
 
-def _read(oracle: Any, images: Tensor) -> list[dict[str, str | None]]:
+def read_factors(oracle: Any, images: Tensor) -> list[dict[str, str | None]]:
+    """The oracle's reading of each image's main object and background (None: not found)."""
     out: list[dict[str, str | None]] = []
     for reading in oracle.read(images):
         main = reading.main
@@ -245,8 +247,8 @@ def diffusion_steering(
         )
         scenes = [s for s in pool if value_of(s, factor) != target][:prompts_per_target]
         prompts = [s.caption() for s in scenes]
-        clean = _generate(setup.adapter, prompts, seed)
-        clean_read = _read(oracle, clean)
+        clean = generate_images(setup.adapter, prompts, seed)
+        clean_read = read_factors(oracle, clean)
         for strength in (0.0, *strengths):
             if strength == 0:
                 images, reads = clean, clean_read
@@ -258,8 +260,8 @@ def diffusion_steering(
                     for intervention in interventions:
                         intervention.scope.where_active = factor_latents
                 with steer(setup.adapter, setup.sae, interventions, typical=selection):
-                    images = _generate(setup.adapter, prompts, seed)
-                reads = _read(oracle, images)
+                    images = generate_images(setup.adapter, prompts, seed)
+                reads = read_factors(oracle, images)
             success = sum(r[factor] == target for r in reads) / len(reads)
             pairs = len(reads) * len(others)
             # Preserved: as the unsteered sample of the same noise shows them; correct: as the
@@ -315,11 +317,11 @@ def diffusion_unlearning(
     clean_ira = clean_cra = 1.0
     for multiplier in (0.0, *multipliers):
         if multiplier == 0:
-            images = _generate(setup.adapter, prompts, seed)
+            images = generate_images(setup.adapter, prompts, seed)
         else:
             with unlearn(setup.adapter, setup.sae, selection, multiplier=multiplier):
-                images = _generate(setup.adapter, prompts, seed)
-        reads = _read(oracle, images)
+                images = generate_images(setup.adapter, prompts, seed)
+        reads = read_factors(oracle, images)
         on_target, off_target = reads[: len(with_target)], reads[len(with_target) :]
         ua = sum(r[factor] != target for r in on_target) / max(len(on_target), 1)
         ira = sum(
