@@ -25,7 +25,7 @@ from saekit.cache import (
     merge_cache,
     open_cache,
 )
-from saekit.cache.shards import ShardFile
+from saekit.cache.shards import CacheError, ShardFile
 
 
 @pytest.fixture
@@ -182,3 +182,26 @@ def test_two_gloo_ranks_write_one_coherent_cache(tmp_path):
     before = (root / "manifest.json").read_bytes()
     merge_cache(root)
     assert (root / "manifest.json").read_bytes() == before
+
+
+def test_a_rank_that_has_not_written_its_manifest_leaves_the_merge_for_later(tmp_path):
+    """The first rank to finish may find a sibling's directory created but still empty: that is
+    an unfinished part, so it leaves the merge to the last rank instead of failing."""
+    root = tmp_path / "sharded"
+    (root / "rank-00001-of-00002").mkdir(parents=True)  # rank 1: started, nothing written yet
+    cfg = CacheConfig(
+        output_dir=str(root),
+        hookpoints=["blocks.1"],
+        batch_size=10,
+        rows_per_shard=64,
+        shuffle_buffer_rows=128,
+        dtype="float32",
+        progress=False,
+    )
+    result = cache_activations(
+        CustomAdapter(tiny_transformer()), token_inputs(20), cfg, rank=0, world_size=2
+    )
+    assert result.merged is None
+    assert (root / "rank-00000-of-00002" / "manifest.json").exists()
+    with pytest.raises(CacheError, match=r"rank-00001-of-00002 has no manifest\.json yet"):
+        merge_cache(root)

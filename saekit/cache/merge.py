@@ -136,6 +136,10 @@ def find_rank_dirs(path: Path) -> list[Path]:
 
 
 def _load_part(directory: Path) -> Manifest:
+    if not (directory / MANIFEST).exists():
+        # A rank that has created its directory but not yet written its first manifest (it is
+        # still starting or caching): the parts are incomplete, not broken.
+        raise CacheError(f"{directory} has no {MANIFEST} yet: its rank has not finished")
     manifest = load_manifest(directory)
     if not isinstance(manifest, Manifest):
         raise CacheError(f"{directory} is itself a merged cache; merge rank directories only")
