@@ -66,3 +66,11 @@ def test_missing_model_folder_names_the_script_that_makes_it(tmp_path, capsys):
     assert main([*args, str(tmp_path / "nothing")]) != 0
     assert "scripts/train_testbed_diffusion.py" in capsys.readouterr().err
     assert not (tmp_path / "out" / "caches").exists(), "checked before any work starts"
+
+
+def test_a_folder_of_a_run_with_other_settings_is_refused_untouched(demo, capsys):
+    out, _ = demo
+    before = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
+    assert main(["demo", "--quick", "--output_dir", str(out), "--seed", "1"]) != 0
+    assert "other settings (seed)" in capsys.readouterr().err
+    assert {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()} == before

@@ -20,9 +20,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_json
+from .._io import atomic_write_json, read_json
 from ..cache import ImageFolder
 from ..cache.rows import RowFilter
+from ..configuration import ConfigError
 from ..evaluation.plots import plot_density_histogram, plot_factor_coverage
 from ..evaluation.report import machine_description
 from ..testbed import models, world
@@ -115,16 +116,35 @@ def _summarise(
     }
 
 
+def _claim_output_dir(out: Path, cfg: DemoConfig) -> None:
+    """Record the settings in ``out``, or refuse a folder that a run with other settings wrote:
+    its images and caches would not match (a rerun with the same settings resumes the caches)."""
+    record = out / "demo-config.json"
+    wanted = asdict(cfg)
+    del wanted["output_dir"]  # a moved folder is the same run
+    if not record.exists():
+        atomic_write_json(record, wanted)
+        return
+    held = read_json(record, "demo settings")
+    changed = sorted(k for k in wanted if held.get(k) != wanted[k])
+    if changed:
+        raise ConfigError(
+            f"{out} holds a demo run with other settings ({', '.join(changed)}); its images and "
+            "caches would not match. Choose another --output_dir, or delete this one"
+        )
+
+
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage; returns the report (also written to ``output_dir/report.json``)."""
     began = time.perf_counter()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     seeds = _seeds(cfg.seed)
     clip_dir = models.require_model_dir(cfg.clip_dir or models.CLIP_DIR, "train_testbed_clip.py")
     pipeline_dir = models.require_model_dir(
         cfg.pipeline_dir or models.PIPELINE_DIR, "train_testbed_diffusion.py"
     )
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_output_dir(out, cfg)
     train_kwargs = dict(
         expansion=cfg.expansion,
         k=cfg.k,
