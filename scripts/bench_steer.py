@@ -8,10 +8,15 @@ embeddings; a VLM language-model layer), selects each colour's and shape's laten
 scenes' factor labels (SAeUron's score; per denoising step for UNet hookpoints), then measures
 (see ``saekit.steering.testbed``):
 
-* ``steer_diffusion``: per colour / shape and strength (units of each latent's typical
-  activation): oracle success rate, other factors preserved, pixel distance to the unsteered
-  sample;
-* ``unlearn_diffusion``: UA / IRA / CRA for one shape and one colour, per multiplier;
+* ``steer_diffusion``: per colour / shape, mode (``add`` the target's latents everywhere, or
+  ``replace`` the factor's other values by it where they fire) and strength (units of each
+  latent's typical activation): oracle success rate, other factors preserved, pixel distance
+  to the unsteered sample;
+* ``unlearn_diffusion``: UA / IRA / CRA for one shape and one colour: SAeUron's negative
+  multipliers, and replacement by an anchor value (Kumari et al. 2023) swept over anchor value,
+  latents per concept and anchor strength on tuning prompts; the best setting is then measured on
+  held-out prompts and noise (``unlearn_heldout``), so the reported figure is not the
+  one it was picked on;
 * ``steer_clip``: share of image embeddings whose zero-shot colour label becomes the target;
 * ``steer_vlm``: share of captions whose colour word becomes the target (latents set).
 
@@ -85,29 +90,34 @@ def markdown(records: list[dict[str, Any]]) -> str:
     best = [r for r in records if r["bench"] == "steer_diffusion_best"]
     if best:
         lines += [
-            "| steer toward | strength | success | other factors kept | other factors as prompted "
-            "| pixel distance |",
-            "|---|---|---|---|---|---|",
+            "| steer toward | mode | strength | success | other factors kept "
+            "| other factors as prompted | pixel distance |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in best:
             for strength, v in r["per_strength"].items():
                 lines.append(
-                    f"| {r['factor']} | {strength} | {v['success']:.2f} | "
+                    f"| {r['factor']} | {r['mode']} | {strength} | {v['success']:.2f} | "
                     f"{v['others_preserved']:.2f} | {v['others_correct']:.2f} | "
                     f"{v['pixel_distance']:.3f} |"
                 )
         lines.append("")
-    unlearned = [r for r in records if r["bench"] == "unlearn_diffusion"]
+    unlearned = [r for r in records if r["bench"] in ("unlearn_diffusion", "unlearn_heldout")]
     if unlearned:
         lines += [
-            "| unlearn | multiplier | UA | IRA | CRA | IRA / clean | CRA / clean |",
-            "|---|---|---|---|---|---|---|",
+            "| unlearn | prompts | latents | multiplier | anchor (strength) | UA | IRA | CRA "
+            "| IRA / clean | CRA / clean |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in unlearned:
+            anchor = f"{r['anchor']} ({r['anchor_strength']})" if r["anchor"] else "-"
+            clean = not r["anchor"] and r["multiplier"] == 0
+            multiplier = "none (clean)" if clean else r["multiplier"]
+            prompts = "held out" if r.get("heldout") else "tuning"
             lines.append(
-                f"| {r['factor']} {r['target']} | {r['multiplier']} | {r['UA']:.2f} | "
-                f"{r['IRA']:.2f} | {r['CRA']:.2f} | {r['IRA_vs_clean']:.2f} | "
-                f"{r['CRA_vs_clean']:.2f} |"
+                f"| {r['target']} | {prompts} | {r['latents_per_step']} | {multiplier} | "
+                f"{anchor} | {r['UA']:.2f} | {r['IRA']:.2f} | {r['CRA']:.2f} | "
+                f"{r['IRA_vs_clean']:.2f} | {r['CRA_vs_clean']:.2f} |"
             )
         lines.append("")
     for name, what in (("steer_clip_mean", "CLIP zero-shot colour label = target"),):
@@ -132,6 +142,74 @@ def markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+UNLEARN_TARGET = {"UA": 0.90, "IRA": 0.85, "CRA": 0.90}
+
+
+def margin(record: dict[str, Any]) -> float:
+    """How far a record clears the issue's unlearning targets (negative: the worst miss)."""
+    return min(record[k] - v for k, v in UNLEARN_TARGET.items())
+
+
+def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit: Emitter) -> None:
+    """SAeUron's multipliers, the anchored sweep (anchor value, latents per concept, anchor
+    strength) on tuning prompts, and the best anchored setting again on held-out prompts and
+    noise."""
+    from saekit.testbed import world
+
+    anchors = args.anchors or [v for v in world.FACTOR_VALUES[factor] if v != target]
+    t = time.time()
+    for r in bench.diffusion_unlearning(
+        setup,
+        factor,
+        target,
+        multipliers=args.multipliers,
+        count=args.unlearn_count,
+        n_target=n,
+        n_other=2 * n,
+        seed=2,
+    ):
+        emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})
+    tuned: list[dict[str, Any]] = []
+    for anchor in anchors:
+        for count in args.anchor_counts:
+            records = bench.diffusion_unlearning(
+                setup,
+                factor,
+                target,
+                count=count,
+                anchor=anchor,
+                anchor_strengths=args.anchor_strengths,
+                n_target=n,
+                n_other=2 * n,
+                seed=2,
+            )
+            for r in records[1:]:  # the first is the clean reference, already emitted
+                emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})
+                tuned.append(r)
+    best = max(tuned, key=margin)
+    heldout = bench.diffusion_unlearning(
+        setup,
+        factor,
+        target,
+        count=best["latents_per_step"],
+        anchor=best["anchor"],
+        anchor_strengths=[best["anchor_strength"]],
+        n_target=2 * n,
+        n_other=4 * n,
+        seed=3,
+    )
+    for r in heldout:
+        emit(
+            "unlearn_heldout",
+            {
+                **r,
+                "heldout": True,
+                "meets_target": r["anchor"] is not None and margin(r) >= 0,
+                "seconds": round(time.time() - t, 1),
+            },
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default=str(models.PIPELINE_DIR))
@@ -148,7 +226,14 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=4, help="latents selected per step")
     parser.add_argument("--strengths", type=float, nargs="*", default=[1.0, 1.5, 2.0, 4.0])
     parser.add_argument("--multipliers", type=float, nargs="*", default=[-1.0, -1.5, -2.0, -4.0])
+    parser.add_argument("--modes", nargs="*", default=["add", "replace"], help="steering modes")
+    parser.add_argument("--replace_strengths", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0])
     parser.add_argument("--unlearn_count", type=int, default=8, help="latents per concept")
+    parser.add_argument("--anchor_counts", type=int, nargs="*", default=[4, 6, 8])
+    parser.add_argument("--anchor_strengths", type=float, nargs="*", default=[0.75, 1.0, 1.5])
+    parser.add_argument(
+        "--anchors", nargs="*", help="values tried in the unlearned one's place (default: all)"
+    )
     parser.add_argument("--branch", default="cond")
     parser.add_argument("--unlearn_shape", default="circle")
     parser.add_argument("--unlearn_color", default="red")
@@ -205,39 +290,32 @@ def main() -> None:
         )
         if "diffusion" in args.parts:
             for factor in ("color", "shape"):
-                t = time.time()
-                records = bench.diffusion_steering(
-                    setup,
-                    factor,
-                    strengths=args.strengths,
-                    prompts_per_target=args.prompts,
-                    count=args.count,
-                    branch=args.branch,
-                )
-                for r in records:
-                    emit("steer_diffusion", r)
-                emit(
-                    "steer_diffusion_best",
-                    {
-                        "factor": factor,
-                        **best_strength(records),
-                        "seconds": round(time.time() - t, 1),
-                    },
-                )
+                for mode in args.modes:
+                    t = time.time()
+                    records = bench.diffusion_steering(
+                        setup,
+                        factor,
+                        strengths=args.strengths if mode == "add" else args.replace_strengths,
+                        prompts_per_target=args.prompts,
+                        count=args.count,
+                        branch=args.branch,
+                        mode=mode,
+                    )
+                    for r in records:
+                        emit("steer_diffusion", r)
+                    emit(
+                        "steer_diffusion_best",
+                        {
+                            "factor": factor,
+                            "mode": mode,
+                            **best_strength(records),
+                            "seconds": round(time.time() - t, 1),
+                        },
+                    )
         if "unlearn" in args.parts:
+            n = 8 if args.quick else 24
             for factor, target in (("shape", args.unlearn_shape), ("color", args.unlearn_color)):
-                t = time.time()
-                n = 8 if args.quick else 24
-                for r in bench.diffusion_unlearning(
-                    setup,
-                    factor,
-                    target,
-                    multipliers=args.multipliers,
-                    count=args.unlearn_count,
-                    n_target=n,
-                    n_other=2 * n,
-                ):
-                    emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})
+                run_unlearning(setup, factor, target, n, args, emit)
 
     if "vlm" in args.parts:
         model, processor = models.load_vlm(args.vlm)

@@ -14,17 +14,21 @@ from torch import Tensor, nn
 from saekit.dictionaries import SAEConfig, TopKSAE
 
 
-def tiny_testbed_pipeline(seed: int = 0) -> Any:
-    """A ``TestbedPipeline`` with a 16x16 UNet (8x8 mid block) on a one-layer text tower."""
+def tiny_testbed_pipeline(seed: int = 0, *, text_encoder: Any = None, tokenizer: Any = None) -> Any:
+    """A ``TestbedPipeline`` with a 16x16 UNet (8x8 mid block) on a one-layer text tower (or on
+    ``text_encoder`` and ``tokenizer``, e.g. a tiny CLIP's text tower, width 32)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from saekit.testbed import models
     from saekit.testbed.pipeline import TestbedPipeline
 
-    tokenizer = models.build_tokenizer(add_eos=True)
+    tokenizer = tokenizer or models.build_tokenizer(add_eos=True)
     torch.manual_seed(seed)
-    text = CLIPTextModel(models.clip_config(len(tokenizer), hidden=32, layers=1).text_config).eval()
+    text = text_encoder or CLIPTextModel(
+        models.clip_config(len(tokenizer), hidden=32, layers=1).text_config
+    )
+    text.eval()
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=12,

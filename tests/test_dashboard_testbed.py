@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from steering_support import tiny_testbed_pipeline
 from test_eval_support import (
     one_thread_module,  # noqa: F401 (a fixture)
 )
@@ -20,31 +20,12 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     from saekit.adapters.diffusion import DiffusionAdapter
     from saekit.cache import CacheConfig, InputConfig, cache_activations, open_inputs
     from saekit.testbed import models, world
-    from saekit.testbed.pipeline import TestbedPipeline
 
     tmp = tmp_path_factory.mktemp("testbed-pipeline")
-    tokenizer = models.build_tokenizer(add_eos=True)
-    torch.manual_seed(0)
-    text = CLIPTextModel(models.clip_config(len(tokenizer), hidden=32, layers=1).text_config).eval()
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=12,
-        out_channels=12,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
-    pipe = TestbedPipeline(unet, DDIMScheduler(num_train_timesteps=100), text, tokenizer)
+    pipe = tiny_testbed_pipeline()
     pipe.save_pretrained(tmp / "pipeline")
     prompts = [s.caption() for s in world.sample_scenes(12, seed=3, objects=1)]
     (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")

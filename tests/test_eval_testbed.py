@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from steering_support import tiny_testbed_pipeline
 from test_eval_support import (
     one_thread_module,  # noqa: F401 (a fixture)
     random_dictionary,
@@ -41,29 +42,10 @@ def test_contrastive_on_testbed(clip):
 
 
 def test_diffusion_on_testbed(clip):
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
     from saekit.testbed.oracle import Oracle
-    from saekit.testbed.pipeline import TestbedPipeline
 
     model, tokenizer = clip
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=12,
-        out_channels=12,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
-    pipe = TestbedPipeline(
-        unet, DDIMScheduler(num_train_timesteps=100), model.text_model, tokenizer
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_testbed_pipeline(text_encoder=model.text_model, tokenizer=tokenizer)
     sae = random_dictionary(32, 64, 4, hookpoint="mid_block")
     result = testbed_tasks.diffusion_on_testbed(
         sae, pipe=pipe, oracle=Oracle(), n=4, num_inference_steps=2

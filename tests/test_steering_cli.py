@@ -105,6 +105,25 @@ def test_unlearn_command_selects_saves_and_applies(pipeline_dir, tmp_path):
     (steered,) = json.loads((out3 / "applied.json").read_text())["interventions"]
     selected = {f for e in selection["entries"] for f in e["features"]}
     assert set(steered["features"]) == selected and steered["relative"] is True
+    # an anchor: a second concept (selected the other way round) put in red's place
+    assert main(
+        ["unlearn", str(root / "pipeline"), "--saes", str(root / "sae"), "--concept", "square",
+         "--with_prompts", str(tmp_path / "without.txt"), "--without_prompts",
+         str(tmp_path / "with.txt"), "--count", "2", "--prompts", "a blue square",
+         "--num_inference_steps", "2", "--output_dir", str(tmp_path / "sq")]
+    ) == 0  # fmt: skip
+    out4 = tmp_path / "out4"
+    assert main(
+        ["unlearn", str(root / "pipeline"), "--saes", str(root / "sae"), "--selections",
+         str(out / "red.json"), "--multiplier", "0", "--anchor", str(tmp_path / "sq" / "square.json"),
+         "--anchor_strength", "1.5", "--prompts", "a red circle", "--num_inference_steps", "2",
+         "--output_dir", str(out4)]
+    ) == 0  # fmt: skip
+    anchored = json.loads((out4 / "applied.json").read_text())
+    assert anchored["anchor"] == "square" and anchored["anchor_strength"] == 1.5
+    adds = [i for i in anchored["interventions"] if i["kind"] == "add"]
+    assert adds and all(i["relative"] and i["scope"]["weight_by"] for i in adds)
+    assert any(i["applied_rows"] > 0 for i in adds)  # red fired, so the anchor went in
 
 
 def test_steer_command_on_a_vlm_writes_texts(tmp_path):

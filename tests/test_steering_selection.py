@@ -26,6 +26,7 @@ from saekit.steering import (
     unlearn,
     unlearn_interventions,
 )
+from saekit.steering import steer as saekit_steer
 
 
 def identity_sae(d: int = 8, hookpoint: str = "h") -> TopKSAE:
@@ -139,3 +140,57 @@ def test_unlearn_on_a_pipeline_flips_selected_latents_where_they_fire():
         torch.testing.assert_close(
             delta, (-2.0 * before) @ sae.W_dec[features].detach(), rtol=0, atol=1e-5
         )
+
+
+def test_unlearn_with_an_anchor_adds_it_where_the_concept_fires():
+    concept = Selection("circle", [SelectionEntry("m", [1, 2], [1, 1], [1, 1], step=0)])
+    anchor = Selection("square", [SelectionEntry("m", [2, 5, 6], [1, 1, 1], [1, 1, 1], step=0)])
+    scale, add = unlearn_interventions(concept, multiplier=0.0, anchor=anchor, anchor_strength=2)
+    assert (scale.kind, scale.features, scale.strength) == ("scale", (1, 2), 0.0)
+    # the anchor's latents that are not the concept's, added in proportion to the concept
+    assert (add.kind, add.features, add.strength, add.relative) == ("add", (5, 6), 2, True)
+    assert add.scope.weight_by == (1, 2) and add.scope.steps == (0, 1)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(x)
+
+
+def test_anchor_replaces_the_concept_in_proportion_to_its_presence():
+    sae = identity_sae()  # latent i is input dimension i: the codes are the inputs
+    concept = Selection("circle", [SelectionEntry("h", [1, 2], [1, 1], [2.0, 4.0])])
+    anchor = Selection("square", [SelectionEntry("h", [5], [1], [3.0])])
+    x = torch.zeros(4, 8)
+    x[0, 1] = 2.0  # the concept as strong as typical: presence (2) / (2) = 1
+    x[1, 1], x[1, 2] = 1.0, 2.0  # half as strong: (1 + 2) / (2 + 4) = 0.5
+    x[2, 3] = 5.0  # no concept latent fires: left alone
+    x[3, 2] = 8.0  # twice as strong through the other latent: 8 / 4 = 2
+    net = _Net()
+    with unlearn(net, sae, concept, multiplier=0.0, anchor=anchor, anchor_strength=1.0):
+        out = net(x)
+    expected = x.clone()
+    expected[:, 1:3] = 0  # the concept's latents removed
+    expected[:, 5] = torch.tensor([1.0, 0.5, 0.0, 2.0]) * 3.0  # the anchor, typical 3
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert torch.equal(net(x), x)  # hooks removed
+
+
+def test_weight_by_needs_the_typical_activation_of_its_latents():
+    from saekit.steering import Intervention, Scope
+
+    sae = identity_sae()
+    edit = Intervention([5], strength=1.0, scope=Scope(weight_by=(1,)))
+    with pytest.raises(ValueError, match=r"weight_by .* needs the typical activation"):
+        saekit_steer(_Net(), sae, edit)
+    typical = torch.zeros(8)
+    typical[1] = 2.0
+    with saekit_steer(_Net(), sae, edit, typical=typical):
+        pass
+    with pytest.raises(ValueError, match="weight_by needs at least one"):
+        Scope(weight_by=())
+    assert Scope.from_dict(Scope(weight_by=(3, 4)).to_dict()) == Scope(weight_by=(3, 4))

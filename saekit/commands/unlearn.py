@@ -6,6 +6,8 @@
     saekit unlearn pretrained/pipeline --saes runs/mid --concept circle \
         --with_prompts circles.txt --without_prompts others.txt --count 8 \
         --save_selection circle.json --prompts "a circle" --output_dir out/
+    saekit unlearn pretrained/pipeline --saes runs/text --selections circle.json \
+        --multiplier 0 --anchor square.json --prompts "a large circle" --output_dir out/
 
 Writes the images (or texts) and ``applied.json`` (the concepts, their latents per hookpoint
 and step, the calls and rows edited).
@@ -30,7 +32,15 @@ class UnlearnConfig(GenerationConfig):
     """Selection files (saekit.steering.Selection), one per concept."""
 
     multiplier: float = -1.0
-    """Factor of the concepts' latents where they fire (negative: pushed away)."""
+    """Factor of the concepts' latents where they fire (negative: pushed away; 0 with --anchor)."""
+
+    anchor: str | None = None
+    """Selection file of a concept put in the unlearned concepts' place where they fire (Kumari
+    et al. 2023's anchor concept; e.g. --multiplier 0 --anchor square.json)."""
+
+    anchor_strength: float = 1.0
+    """The anchor's latents, in units of their typical activation, on a row where the concepts
+    fire as strongly as typical (less where they fire less)."""
 
     concept: str | None = None
     """Select this concept first, from --with_prompts and --without_prompts."""
@@ -99,11 +109,13 @@ def run(args: argparse.Namespace) -> int:
     saes = load_saes(cfg.saes, cfg.hookpoint, cfg.device)
     adapter = load_model(args.model, cfg.adapter, cfg)
     selections = [Selection.load(p) for p in cfg.selections]
+    anchor = Selection.load(cfg.anchor) if cfg.anchor else None
     if cfg.concept:
         selections.append(_select(cfg, adapter, saes))
     if not selections:
         raise ConfigError("give --selections (files) or --concept with prompts to select it")
-    unknown = {e.hookpoint for s in selections for e in s.entries} - set(saes)
+    named = [*selections, *([anchor] if anchor is not None else [])]
+    unknown = {e.hookpoint for s in named for e in s.entries} - set(saes)
     if unknown:
         raise ConfigError(
             f"the selections name hookpoints {sorted(unknown)} but --saes has {sorted(saes)}"
@@ -114,10 +126,20 @@ def run(args: argparse.Namespace) -> int:
         "saes": cfg.saes,
         "concepts": [s.concept for s in selections],
         "multiplier": cfg.multiplier,
+        "anchor": None if anchor is None else anchor.concept,
+        "anchor_strength": None if anchor is None else cfg.anchor_strength,
     }
     if cfg.compare:
         record["clean"] = generate_outputs(adapter, cfg, "clean")
-    with unlearn(adapter, saes, selections, multiplier=cfg.multiplier) as handle:
+    handle = unlearn(
+        adapter,
+        saes,
+        selections,
+        multiplier=cfg.multiplier,
+        anchor=anchor,
+        anchor_strength=cfg.anchor_strength,
+    )
+    with handle:
         record["outputs"] = generate_outputs(adapter, cfg, "images")
     record["interventions"] = handle.report()
     path = write_applied(cfg, record)

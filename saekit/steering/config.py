@@ -70,6 +70,11 @@ class Scope:
     """Only rows where one of these latents of the dictionary fires (e.g. every colour latent,
     to steer a colour only at the tokens that carry one; SAeUron edits a concept only where its
     latents fire the same way); None: every row."""
+    weight_by: tuple[int, ...] | None = None
+    """Weight each row by how strongly these latents fire: the summed value of those that fire
+    over their summed typical activation (0 where none fires; needs ``typical=``). An anchor concept added this
+    way replaces an erased one in proportion to its presence (Kumari et al. 2023 map an erased
+    concept to an anchor; :func:`~.unlearn.unlearn` with ``anchor=``); None: no weighting."""
 
     def __post_init__(self) -> None:
         if self.tokens not in ("all", "image", "text"):
@@ -91,8 +96,12 @@ class Scope:
                 setattr(self, name, window)
         if self.positions is not None:
             self.positions = tuple(int(p) for p in self.positions)
-        if self.where_active is not None:
-            self.where_active = tuple(int(f) for f in self.where_active)
+        for name in ("where_active", "weight_by"):
+            latents = getattr(self, name)
+            if latents is not None:
+                if name == "weight_by" and not latents:
+                    raise ConfigError("Scope.weight_by needs at least one latent id, or None")
+                setattr(self, name, tuple(int(f) for f in latents))
         if self.mask is not None:
             mask = torch.as_tensor(self.mask, dtype=torch.float32)
             if mask.ndim != 2:
@@ -106,7 +115,7 @@ class Scope:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["mask"] = None if self.mask is None else self.mask.tolist()
-        for name in ("positions", "steps", "decode_steps", "where_active"):
+        for name in ("positions", "steps", "decode_steps", "where_active", "weight_by"):
             out[name] = None if out[name] is None else list(out[name])
         return out
 
@@ -117,7 +126,7 @@ class Scope:
         if unknown:
             raise ConfigError(f"unknown scope fields {sorted(unknown)}; known: {sorted(known)}")
         data = dict(data)
-        for name in ("positions", "steps", "decode_steps", "where_active"):
+        for name in ("positions", "steps", "decode_steps", "where_active", "weight_by"):
             if data.get(name) is not None:
                 data[name] = tuple(data[name])
         if data.get("mask") is not None:
@@ -176,7 +185,8 @@ class Intervention:
     def needs_codes(self) -> bool:
         """Whether the edit reads the current latent values (all kinds but an unconditional
         ``add``)."""
-        return self.kind != "add" or self.scope.where_active is not None
+        scope = self.scope
+        return self.kind != "add" or scope.where_active is not None or scope.weight_by is not None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -61,6 +61,22 @@ def _rows_where_active(codes: SparseCodes, features: Sequence[int], n: int) -> T
     return out
 
 
+def _presence(codes: SparseCodes, features: Sequence[int], typical: Tensor, n: int) -> Tensor:
+    """``(N,)`` how strongly ``features`` fire on each row, in units of their typical activation
+    ``typical`` ``(d_sae,)``: the summed value of those that fire over their summed typical
+    activation (1: they fire as on a typical row of their concept; 0: none fires). Only the
+    latents that fire count: a TopK row holds few of a concept's latents at once, and a row of
+    one of several merged concepts should weigh as much as a row of a concept alone."""
+    wanted = torch.tensor(features, dtype=torch.long, device=codes.indices.device)
+    hit = torch.isin(codes.indices, wanted) & (codes.values > 0)  # (nnz,)
+    rows = codes.rows()[hit]
+    value = torch.zeros(n, dtype=codes.values.dtype, device=codes.values.device)
+    value.index_add_(0, rows, codes.values[hit])
+    unit = torch.zeros_like(value)
+    unit.index_add_(0, rows, typical.to(value)[codes.indices[hit]])
+    return (value / unit.clamp_min(torch.finfo(value.dtype).tiny)).cpu()
+
+
 def resize_mask(mask: Tensor, height: int, width: int) -> Tensor:
     """An ``(H, W)`` mask resized to a block's ``(height, width)`` grid: area averaging when
     shrinking (a cell's weight is the mask's mean over the pixels it covers), nearest when
@@ -108,11 +124,20 @@ class SteeringTransform:
     def __post_init__(self) -> None:
         self.applied = [_Applied() for _ in self.interventions]
         for intervention in self.interventions:
-            bad = [f for f in intervention.features if not 0 <= f < self.sae.d_sae]
+            named = (*intervention.features, *(intervention.scope.weight_by or ()))
+            bad = [f for f in named if not 0 <= f < self.sae.d_sae]
             if bad:
                 raise ValueError(
                     f"features {bad} are not latents of the dictionary at {self.hookpoint!r} "
                     f"(d_sae={self.sae.d_sae})"
+                )
+            weight_by = intervention.scope.weight_by
+            if weight_by is not None and (
+                self.typical is None or not bool(self.typical[list(weight_by)].sum() > 0)
+            ):
+                raise ValueError(
+                    f"Scope.weight_by at {self.hookpoint!r} needs the typical activation of "
+                    f"latents {list(weight_by)}: pass typical= (a selection that holds them)"
                 )
             if intervention.relative and self.typical is None:
                 raise ValueError(
@@ -246,12 +271,16 @@ class SteeringTransform:
         needs_codes = not keep_error or any(self.interventions[i].needs_codes for i in row_weights)
         codes = self.sae.encode(rows) if needs_codes else None
         for i, w in list(row_weights.items()):
-            gate = self.interventions[i].scope.where_active
-            if gate is None:
+            scope = self.interventions[i].scope
+            if scope.where_active is None and scope.weight_by is None:
                 continue
             assert codes is not None
-            fires = _rows_where_active(codes, gate, n)  # (N,) bool
-            gated = fires.float().cpu() if w is None else w.reshape(-1) * fires.float().cpu()
+            gated = torch.ones(n) if w is None else w.reshape(-1).clone()  # (N,)
+            if scope.where_active is not None:
+                gated *= _rows_where_active(codes, scope.where_active, n).float().cpu()
+            if scope.weight_by is not None:
+                assert self.typical is not None
+                gated *= _presence(codes, scope.weight_by, self.typical, n)
             if not bool(gated.any()):
                 del row_weights[i]
                 continue

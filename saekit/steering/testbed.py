@@ -7,9 +7,10 @@ assert (looser) on the shipped models:
   pipeline's UNet at every step (strength in units of each latent's typical activation); the
   oracle reads the generated image: success rate (the target value), other factors preserved,
   pixel distance to the unsteered sample (same noise);
-* :func:`diffusion_unlearning`: suppress one value (SAeUron); UA (the value no longer appears
-  when prompted), IRA (the factor's other values still appear when prompted), CRA (the other
-  factors still right), as UnlearnCanvas (Zhang et al. 2024) measures styles and objects;
+* :func:`diffusion_unlearning`: suppress one value (SAeUron's negative scaling, or replacing it
+  by an anchor value); UA (the value no longer appears when prompted), IRA (the factor's other
+  values still appear when prompted), CRA (the other factors still right), as UnlearnCanvas
+  (Zhang et al. 2024) measures styles and objects;
 * :func:`clip_steering`: add a colour's latents to CLIP image embeddings; the zero-shot label
   flips to it;
 * :func:`vlm_steering`: clamp (set) a colour's latents in the LLaVA language model; the caption's
@@ -219,16 +220,24 @@ def diffusion_steering(
     count: int = 4,
     branch: str = "both",
     gate: bool = False,
+    mode: str = "add",
     oracle: Any = None,
     seed: int = 1,
 ) -> list[dict[str, Any]]:
     """Steering toward each value of ``factor`` (colour or shape) from prompts that name another
     value: one record per target and strength (strength 0: the unsteered samples). Success: the
     oracle reads the target; others preserved: the other factors read as in the unsteered sample
-    (same prompt and noise); others correct: as the prompt asks. ``gate``: edit only the rows
-    where one of the factor's latents (any value's) fires, the tokens that carry the factor
-    (measured on the shipped pipeline at 20 steps: lower success for about the same
+    (same prompt and noise); others correct: as the prompt asks.
+
+    ``mode="add"``: the target's latents added at every row (strength in units of their typical
+    activation). ``mode="replace"``: the factor's other values' latents removed where they fire
+    and the target's added there in proportion (:func:`~.unlearn.unlearn` with the target as
+    anchor, ``strength`` the anchor strength), so rows without the factor are left alone.
+    ``gate``: (``add``) edit only the rows where one of the factor's latents (any value's)
+    fires (measured on the shipped pipeline at 20 steps: lower success for about the same
     preservation, so off by default)."""
+    if mode not in ("add", "replace"):
+        raise ValueError(f"mode must be add or replace, got {mode!r}")
     from ..testbed import world
     from ..testbed.oracle import Oracle
 
@@ -253,13 +262,25 @@ def diffusion_steering(
             if strength == 0:
                 images, reads = clean, clean_read
             else:
-                interventions = selection_interventions(
-                    selection, kind="add", strength=strength, branch=branch
-                )
-                if gate:
-                    for intervention in interventions:
-                        intervention.scope.where_active = factor_latents
-                with steer(setup.adapter, setup.sae, interventions, typical=selection):
+                if mode == "replace":
+                    rest = [sel for value, sel in selections.items() if value != target]
+                    handle = unlearn(
+                        setup.adapter,
+                        setup.sae,
+                        rest,
+                        multiplier=0.0,
+                        anchor=selection,
+                        anchor_strength=strength,
+                    )
+                else:
+                    interventions = selection_interventions(
+                        selection, kind="add", strength=strength, branch=branch
+                    )
+                    if gate:
+                        for intervention in interventions:
+                            intervention.scope.where_active = factor_latents
+                    handle = steer(setup.adapter, setup.sae, interventions, typical=selection)
+                with handle:
                     images = generate_images(setup.adapter, prompts, seed)
                 reads = read_factors(oracle, images)
             success = sum(r[factor] == target for r in reads) / len(reads)
@@ -277,10 +298,19 @@ def diffusion_steering(
                     "strength": strength,
                     "success": round(success, 4),
                     "others_preserved": round(kept / pairs, 4),
+                    "preserved_by_factor": {
+                        f: round(
+                            sum(r[f] == c[f] for r, c in zip(reads, clean_read, strict=True))
+                            / len(reads),
+                            4,
+                        )
+                        for f in others
+                    },
                     "others_correct": round(correct / pairs, 4),
                     "pixel_distance": round(float((images - clean).abs().mean()), 4),
                     "n": len(prompts),
                     "latents_per_step": count,
+                    "mode": mode,
                 }
             )
     return records
@@ -293,20 +323,33 @@ def diffusion_unlearning(
     *,
     multipliers: Sequence[float] = (-1.0, -3.0),
     count: int = 4,
+    anchor: str | None = None,
+    anchor_strengths: Sequence[float] = (1.0,),
     n_target: int = 24,
     n_other: int = 48,
     oracle: Any = None,
     seed: int = 2,
 ) -> list[dict[str, Any]]:
-    """UA / IRA / CRA of unlearning ``target`` (a value of ``factor``), per multiplier
-    (multiplier 0: no unlearning, the clean reference)."""
+    """UA / IRA / CRA of unlearning ``target`` (a value of ``factor``): per multiplier
+    (SAeUron), or with an ``anchor`` (another value of the factor put in the target's place,
+    multiplier 0) per anchor strength; the first record is the clean reference (no
+    unlearning). ``seed`` picks the prompts and the noise, so settings tuned on one seed can be
+    measured on another."""
     from ..testbed import world
     from ..testbed.oracle import Oracle
 
     oracle = oracle or Oracle()
-    selection = factor_selections(
+    selections = factor_selections(
         setup.sae, setup.hookpoint, setup.rows, setup.scenes, factor, count=count
-    )[target]
+    )
+    selection = selections[target]
+    if anchor is not None and anchor not in selections:
+        raise ValueError(f"anchor {anchor!r} is not a value of {factor!r} with selected latents")
+    settings: list[tuple[float, float | None]] = [(0.0, None)]
+    if anchor is None:
+        settings += [(m, None) for m in multipliers]
+    else:
+        settings += [(0.0, a) for a in anchor_strengths]
     pool = world.sample_scenes(8 * (n_target + n_other), seed=30_000 + seed, objects=1)
     with_target = [s for s in pool if value_of(s, factor) == target][:n_target]
     without = [s for s in pool if value_of(s, factor) != target][:n_other]
@@ -315,11 +358,19 @@ def diffusion_unlearning(
     others = [f for f in world.FACTORS if f != factor]
     records = []
     clean_ira = clean_cra = 1.0
-    for multiplier in (0.0, *multipliers):
-        if multiplier == 0:
+    for index, (multiplier, anchor_strength) in enumerate(settings):
+        if index == 0:
             images = generate_images(setup.adapter, prompts, seed)
         else:
-            with unlearn(setup.adapter, setup.sae, selection, multiplier=multiplier):
+            handle = unlearn(
+                setup.adapter,
+                setup.sae,
+                selection,
+                multiplier=multiplier,
+                anchor=None if anchor is None else selections[anchor],
+                anchor_strength=anchor_strength or 0.0,
+            )
+            with handle:
                 images = generate_images(setup.adapter, prompts, seed)
         reads = read_factors(oracle, images)
         on_target, off_target = reads[: len(with_target)], reads[len(with_target) :]
@@ -330,13 +381,15 @@ def diffusion_unlearning(
         cra = sum(
             r[f] == value_of(s, f) for r, s in zip(reads, scenes, strict=True) for f in others
         ) / (len(reads) * len(others))
-        if multiplier == 0:
+        if index == 0:
             clean_ira, clean_cra = max(ira, 1e-9), max(cra, 1e-9)
         records.append(
             {
                 "factor": factor,
                 "target": target,
                 "multiplier": multiplier,
+                "anchor": None if index == 0 else anchor,
+                "anchor_strength": anchor_strength,
                 "UA": round(ua, 4),
                 "IRA": round(ira, 4),
                 "CRA": round(cra, 4),
@@ -346,6 +399,7 @@ def diffusion_unlearning(
                 "n_target": len(on_target),
                 "n_other": len(off_target),
                 "latents_per_step": count,
+                "prompt_seed": seed,
             }
         )
     return records
