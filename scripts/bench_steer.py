@@ -103,6 +103,21 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 )
         lines.append("")
     unlearned = [r for r in records if r["bench"] in ("unlearn_diffusion", "unlearn_heldout")]
+    swept = [r for r in unlearned if r["anchor"] and not r.get("heldout")]
+    if swept:  # the SAeUron rows, the three best anchored settings per concept, held-out rows
+        lines += [
+            f"Anchored settings tried on the tuning prompts: {len(swept)}; the three best per "
+            "concept (ranked by their worst margin over the three targets) are shown.",
+            "",
+        ]
+        shown = {
+            id(r)
+            for target in {r["target"] for r in swept}
+            for r in sorted((r for r in swept if r["target"] == target), key=margin, reverse=True)[
+                :3
+            ]
+        }
+        unlearned = [r for r in unlearned if not r["anchor"] or r.get("heldout") or id(r) in shown]
     if unlearned:
         lines += [
             "| unlearn | prompts | latents | multiplier | anchor (strength) | UA | IRA | CRA "
@@ -116,7 +131,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
             prompts = "held out" if r.get("heldout") else "tuning"
             lines.append(
                 f"| {r['target']} | {prompts} | {r['latents_per_step']} | {multiplier} | "
-                f"{anchor} | {r['UA']:.2f} | {r['IRA']:.2f} | {r['CRA']:.2f} | "
+                f"{anchor} | {r['UA']:.3f} | {r['IRA']:.3f} | {r['CRA']:.3f} | "
                 f"{r['IRA_vs_clean']:.2f} | {r['CRA_vs_clean']:.2f} |"
             )
         lines.append("")

@@ -66,6 +66,24 @@ def test_unlearning_a_colour(diffusion):
     assert unlearned["CRA_vs_clean"] >= 0.8  # measured 0.93
 
 
+@pytest.mark.parametrize(
+    ("factor", "target", "count", "anchor"),
+    [("color", "red", 4, "yellow"), ("shape", "circle", 8, "cross")],
+)
+def test_unlearning_with_an_anchor_keeps_the_other_factors(
+    diffusion, factor, target, count, anchor
+):
+    # the settings scripts/bench_steer.py picked on its tuning prompts (20 steps)
+    records = bench.diffusion_unlearning(
+        diffusion, factor, target, count=count, anchor=anchor, anchor_strengths=(0.75,),
+        n_target=12, n_other=24,
+    )  # fmt: skip
+    clean, unlearned = records
+    assert unlearned["UA"] >= max(0.75, clean["UA"] + 0.5)  # measured 1.0 for both (clean 0.08, 0)
+    assert unlearned["IRA_vs_clean"] >= 0.8  # measured 0.91 (red), 1.0 (circle)
+    assert unlearned["CRA_vs_clean"] >= 0.9  # measured 0.99, 0.99 (SAeUron at -1.5: 0.78, 0.88)
+
+
 @pytest.mark.slow
 def test_steering_the_pipeline_toward_a_shape(diffusion):
     records = bench.diffusion_steering(
