@@ -270,6 +270,8 @@ def bench_read(args, root: Path) -> None:
             autocast=args.device != "cpu",
         )
         trainer = Trainer([SAEConfig(architecture="topk", k=8, d_sae=4096)], cfg, source)
+        # as bench_train.py: the first Adam imports torch._dynamo (~2 s once per process)
+        torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], fused=True)
         began = time.perf_counter()
         trainer.fit()
         if torch.cuda.is_available():
