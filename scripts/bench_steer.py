@@ -3,8 +3,8 @@
     nice -n 10 python scripts/bench_steer.py [--pipeline DIR] [--vlm DIR] [--parts ...] [--quick]
 
 Trains TopK dictionaries with saekit's Trainer on activations collected in memory (the
-pipeline's ``--hookpoint``, by default the last layer of its CLIP text tower; CLIP's image
-embeddings; a VLM language-model layer), selects each colour's and shape's latents with the
+pipeline's text tower: its last layer, and for steering also its input, the token embeddings;
+CLIP's image embeddings; a VLM language-model layer), selects each colour's and shape's latents with the
 scenes' factor labels (SAeUron's score; per denoising step for UNet hookpoints), then measures
 (see ``saekit.steering.testbed``):
 
@@ -12,6 +12,10 @@ scenes' factor labels (SAeUron's score; per denoising step for UNet hookpoints),
   ``replace`` the factor's other values by it where they fire) and strength (units of each
   latent's typical activation): oracle success rate, other factors preserved, pixel distance
   to the unsteered sample;
+* ``steer_heldout``: a setting that met the target, again on other prompts and noise;
+* ``steer_prompt_edit``: the reference for steering: the same prompts and noise with the
+  factor's word itself changed to the target (how much of a sample the pipeline keeps when
+  only that word changes);
 * ``unlearn_diffusion``: UA / IRA / CRA for one shape and one colour: SAeUron's negative
   multipliers, and replacement by an anchor value (Kumari et al. 2023) swept over anchor value,
   latents per concept and anchor strength on tuning prompts; the best setting is then measured on
@@ -32,6 +36,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 import torch
@@ -90,17 +95,32 @@ def markdown(records: list[dict[str, Any]]) -> str:
     best = [r for r in records if r["bench"] == "steer_diffusion_best"]
     if best:
         lines += [
-            "| steer toward | mode | strength | success | other factors kept "
+            "| steer toward | hookpoint | mode | strength | success | other factors kept "
             "| other factors as prompted | pixel distance |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
+        for r in (r for r in records if r["bench"] == "steer_prompt_edit"):
+            lines.append(
+                f"| {r['factor']} | the prompt's word edited (reference) | - | - | "
+                f"{r['success']:.2f} | {r['others_preserved']:.2f} | - | - |"
+            )
         for r in best:
             for strength, v in r["per_strength"].items():
                 lines.append(
-                    f"| {r['factor']} | {r['mode']} | {strength} | {v['success']:.2f} | "
+                    f"| {r['factor']} | `{r['hookpoint']}` | {r['mode']} | {strength} | "
+                    f"{v['success']:.2f} | "
                     f"{v['others_preserved']:.2f} | {v['others_correct']:.2f} | "
                     f"{v['pixel_distance']:.3f} |"
                 )
+        for r in (r for r in records if r["bench"] == "steer_heldout"):
+            strength = r["best_strength"]
+            # (float keys in this process; strings when read back from a JSON lines file)
+            v = r["per_strength"].get(strength) or r["per_strength"][str(strength)]
+            lines.append(
+                f"| {r['factor']} | `{r['hookpoint']}` | {r['mode']}, held-out prompts | "
+                f"{strength} | {v['success']:.2f} | {v['others_preserved']:.2f} | "
+                f"{v['others_correct']:.2f} | {v['pixel_distance']:.3f} |"
+            )
         lines.append("")
     unlearned = [r for r in records if r["bench"] in ("unlearn_diffusion", "unlearn_heldout")]
     swept = [r for r in unlearned if r["anchor"] and not r.get("heldout")]
@@ -157,6 +177,61 @@ def markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+HELDOUT_SEED = 7
+"""Prompts and noise of the held-out check of a steering setting that met the target (the
+sweep's are seed 1)."""
+
+
+def run_steering(setup: Any, args: Any, emit: Emitter) -> None:
+    """Steering toward every colour and shape at ``setup``'s hookpoint, in each mode."""
+    for factor in ("color", "shape"):
+        for mode in args.modes:
+            t = time.time()
+            records = bench.diffusion_steering(
+                setup,
+                factor,
+                strengths=args.strengths if mode == "add" else args.replace_strengths,
+                prompts_per_target=args.prompts,
+                count=args.count,
+                branch=args.branch,
+                mode=mode,
+            )
+            for r in records:
+                emit("steer_diffusion", {**r, "hookpoint": setup.hookpoint})
+            best = best_strength(records)
+            emit(
+                "steer_diffusion_best",
+                {
+                    "factor": factor,
+                    "mode": mode,
+                    "hookpoint": setup.hookpoint,
+                    **best,
+                    "seconds": round(time.time() - t, 1),
+                },
+            )
+            if best["meets_target"]:  # again on other prompts and noise than it was found on
+                again = bench.diffusion_steering(
+                    setup,
+                    factor,
+                    strengths=[best["best_strength"]],
+                    prompts_per_target=args.prompts,
+                    count=args.count,
+                    branch=args.branch,
+                    mode=mode,
+                    seed=HELDOUT_SEED,
+                )
+                emit(
+                    "steer_heldout",
+                    {
+                        "factor": factor,
+                        "mode": mode,
+                        "hookpoint": setup.hookpoint,
+                        "seed": HELDOUT_SEED,
+                        **best_strength(again),
+                    },
+                )
+
+
 UNLEARN_TARGET = {"UA": 0.90, "IRA": 0.85, "CRA": 0.90}
 
 
@@ -171,7 +246,8 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
     noise."""
     from saekit.testbed import world
 
-    anchors = args.anchors or [v for v in world.FACTOR_VALUES[factor] if v != target]
+    values = [v for v in world.FACTOR_VALUES[factor] if v != target]
+    anchors = [a for a in args.anchors or values if a in values]
     t = time.time()
     for r in bench.diffusion_unlearning(
         setup,
@@ -209,9 +285,9 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
         count=best["latents_per_step"],
         anchor=best["anchor"],
         anchor_strengths=[best["anchor_strength"]],
-        n_target=2 * n,
-        n_other=4 * n,
-        seed=3,
+        n_target=2 * (8 if args.quick else 24),
+        n_other=4 * (8 if args.quick else 24),
+        seed=args.heldout_seed,
     )
     for r in heldout:
         emit(
@@ -231,7 +307,15 @@ def main() -> None:
     parser.add_argument("--vlm", default=str(models.VLM_DIR))
     parser.add_argument("--clip", default=str(models.CLIP_DIR))
     parser.add_argument("--parts", nargs="*", default=["clip", "diffusion", "unlearn", "vlm"])
-    parser.add_argument("--hookpoint", default=bench.TEXT_HOOKPOINT)
+    parser.add_argument(
+        "--hookpoint", default=bench.TEXT_HOOKPOINT, help="the dictionary's hookpoint (unlearning)"
+    )
+    parser.add_argument(
+        "--steer_hookpoints",
+        nargs="*",
+        default=[bench.TEXT_HOOKPOINT, bench.TEXT_INPUT_HOOKPOINT],
+        help="hookpoints steering is measured at, a dictionary each",
+    )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument(
         "--guidance", type=float, default=1.0, help="CFG scale (1: the testbed's default, unguided)"
@@ -244,10 +328,19 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=["add", "replace"], help="steering modes")
     parser.add_argument("--replace_strengths", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0])
     parser.add_argument("--unlearn_count", type=int, default=8, help="latents per concept")
+    parser.add_argument(
+        "--tune_prompts", type=int, default=24, help="tuning prompts with the concept (x2 without)"
+    )
+    parser.add_argument(
+        "--heldout_seed", type=int, default=3, help="held-out prompts and noise (48 and 96)"
+    )
+    parser.add_argument("--unlearn_factors", nargs="*", default=["shape", "color"])
     parser.add_argument("--anchor_counts", type=int, nargs="*", default=[4, 6, 8])
     parser.add_argument("--anchor_strengths", type=float, nargs="*", default=[0.75, 1.0, 1.5])
     parser.add_argument(
-        "--anchors", nargs="*", help="values tried in the unlearned one's place (default: all)"
+        "--anchors",
+        nargs="*",
+        help="values tried in the unlearned one's place (default: all of its factor's others)",
     )
     parser.add_argument("--branch", default="cond")
     parser.add_argument("--unlearn_shape", default="circle")
@@ -284,53 +377,53 @@ def main() -> None:
 
     if {"diffusion", "unlearn"} & set(args.parts):
         pipe = models.load_pipeline(args.pipeline)
-        t = time.time()
-        setup = bench.diffusion_setup(
-            pipe,
-            hookpoint=args.hookpoint,
-            n_scenes=args.scenes,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-        )
-        emit(
-            "steer_setup",
-            {
-                "pipeline": args.pipeline,
-                "hookpoint": args.hookpoint,
-                "rows": len(setup.rows),
-                "d_sae": setup.sae.d_sae,
-                "k": setup.sae.cfg.k,
-                "seconds": round(time.time() - t, 1),
-            },
-        )
+        setups = {}
+        hookpoints = [args.hookpoint] if "diffusion" not in args.parts else args.steer_hookpoints
+        for hookpoint in dict.fromkeys([args.hookpoint, *hookpoints]):
+            t = time.time()
+            setup = setups[hookpoint] = bench.diffusion_setup(
+                pipe,
+                hookpoint=hookpoint,
+                n_scenes=args.scenes,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+            )
+            emit(
+                "steer_setup",
+                {
+                    "pipeline": args.pipeline,
+                    "hookpoint": hookpoint,
+                    "rows": len(setup.rows),
+                    "d_sae": setup.sae.d_sae,
+                    "k": setup.sae.cfg.k,
+                    "seconds": round(time.time() - t, 1),
+                },
+            )
         if "diffusion" in args.parts:
             for factor in ("color", "shape"):
-                for mode in args.modes:
-                    t = time.time()
-                    records = bench.diffusion_steering(
-                        setup,
-                        factor,
-                        strengths=args.strengths if mode == "add" else args.replace_strengths,
-                        prompts_per_target=args.prompts,
-                        count=args.count,
-                        branch=args.branch,
-                        mode=mode,
-                    )
-                    for r in records:
-                        emit("steer_diffusion", r)
-                    emit(
-                        "steer_diffusion_best",
-                        {
-                            "factor": factor,
-                            "mode": mode,
-                            **best_strength(records),
-                            "seconds": round(time.time() - t, 1),
-                        },
-                    )
+                t = time.time()
+                reference = bench.prompt_edit_reference(
+                    setups[args.hookpoint], factor, prompts_per_target=args.prompts
+                )
+                emit(
+                    "steer_prompt_edit",
+                    {
+                        "factor": factor,
+                        "success": round(mean(r["success"] for r in reference), 4),
+                        "others_preserved": round(
+                            mean(r["others_preserved"] for r in reference), 4
+                        ),
+                        "per_target": reference,
+                        "seconds": round(time.time() - t, 1),
+                    },
+                )
+            for hookpoint in hookpoints:
+                run_steering(setups[hookpoint], args, emit)
         if "unlearn" in args.parts:
-            n = 8 if args.quick else 24
+            n = 8 if args.quick else args.tune_prompts
             for factor, target in (("shape", args.unlearn_shape), ("color", args.unlearn_color)):
-                run_unlearning(setup, factor, target, n, args, emit)
+                if factor in args.unlearn_factors:
+                    run_unlearning(setups[args.hookpoint], factor, target, n, args, emit)
 
     if "vlm" in args.parts:
         model, processor = models.load_vlm(args.vlm)

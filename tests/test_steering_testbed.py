@@ -84,6 +84,19 @@ def test_unlearning_with_an_anchor_keeps_the_other_factors(
     assert unlearned["CRA_vs_clean"] >= 0.9  # measured 0.99, 0.99 (SAeUron at -1.5: 0.78, 0.88)
 
 
+def test_replacing_the_shape_word_at_the_text_towers_input():
+    pipe = models.load_pipeline(models.PIPELINE_DIR)
+    setup = bench.diffusion_setup(
+        pipe, hookpoint=bench.TEXT_INPUT_HOOKPOINT, n_scenes=SCENES, num_inference_steps=STEPS
+    )
+    records = bench.diffusion_steering(
+        setup, "shape", strengths=(1.5,), prompts_per_target=6, count=4, mode="replace"
+    )
+    assert _mean(records, "success", 0.0) == 0.0  # the prompts name another shape
+    assert _mean(records, "success", 1.5) >= 0.6  # measured 0.83
+    assert _mean(records, "others_preserved", 1.5) >= 0.8  # measured 0.925
+
+
 @pytest.mark.slow
 def test_steering_the_pipeline_toward_a_shape(diffusion):
     records = bench.diffusion_steering(

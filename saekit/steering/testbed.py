@@ -148,6 +148,14 @@ Steerers) changes colours and shapes far more than the UNet's 4x4 mid block, who
 skip connections bypass (measured: mid_block 0-6% colour success at any strength)."""
 
 
+TEXT_INPUT_HOOKPOINT = "text_encoder.encoder.layers.0@input"
+"""The text tower's input (token plus position embeddings). A latent here reads one word at one
+place, before any attention has spread it to the words after it, so replacing a shape's latents
+edits the shape word alone: close to editing the prompt, through the dictionary. At the last
+layer the shape has spread into the position and background words, and an edit there moves
+them too (measured by ``scripts/bench_steer.py``)."""
+
+
 @dataclass
 class DiffusionSetup:
     """A pipeline, a dictionary at one UNet hookpoint, and how generation runs."""
@@ -313,6 +321,57 @@ def diffusion_steering(
                     "mode": mode,
                 }
             )
+    return records
+
+
+def with_value(scene: Any, factor: str, value: str) -> Any:
+    """``scene`` with its first object's (or its background's) ``factor`` set to ``value``."""
+    from dataclasses import replace
+
+    if factor == "background":
+        return replace(scene, background=value)
+    first, *rest = scene.objects
+    return replace(scene, objects=(replace(first, **{factor: value}), *rest))
+
+
+def prompt_edit_reference(
+    setup: DiffusionSetup,
+    factor: str,
+    *,
+    prompts_per_target: int = 16,
+    oracle: Any = None,
+    seed: int = 1,
+) -> list[dict[str, Any]]:
+    """The ceiling of steering: the prompts of :func:`diffusion_steering` (same scenes and noise)
+    with the factor's word itself changed to the target. Its "others preserved" is how much
+    the pipeline keeps of a sample when only that word changes; no edit of activations that
+    changes the value can be expected to keep more."""
+    from ..testbed import world
+    from ..testbed.oracle import Oracle
+
+    oracle = oracle or Oracle()
+    others = [f for f in world.FACTORS if f != factor]
+    records = []
+    for target_index, target in enumerate(world.FACTOR_VALUES[factor]):
+        pool = world.sample_scenes(
+            4 * prompts_per_target, seed=20_000 + seed + target_index, objects=1
+        )
+        scenes = [s for s in pool if value_of(s, factor) != target][:prompts_per_target]
+        clean = read_factors(
+            oracle, generate_images(setup.adapter, [s.caption() for s in scenes], seed)
+        )
+        edited = [with_value(s, factor, target).caption() for s in scenes]
+        reads = read_factors(oracle, generate_images(setup.adapter, edited, seed))
+        kept = sum(r[f] == c[f] for r, c in zip(reads, clean, strict=True) for f in others)
+        records.append(
+            {
+                "factor": factor,
+                "target": target,
+                "success": round(sum(r[factor] == target for r in reads) / len(reads), 4),
+                "others_preserved": round(kept / (len(reads) * len(others)), 4),
+                "n": len(scenes),
+            }
+        )
     return records
 
 
