@@ -249,6 +249,7 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
     values = [v for v in world.FACTOR_VALUES[factor] if v != target]
     anchors = [a for a in args.anchors or values if a in values]
     t = time.time()
+    clean: dict = {}  # the unedited images of the tuning prompts, generated once
     for r in bench.diffusion_unlearning(
         setup,
         factor,
@@ -258,6 +259,7 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
         n_target=n,
         n_other=2 * n,
         seed=2,
+        clean_images=clean,
     ):
         emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})
     tuned: list[dict[str, Any]] = []
@@ -273,6 +275,7 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
                 n_target=n,
                 n_other=2 * n,
                 seed=2,
+                clean_images=clean,
             )
             for r in records[1:]:  # the first is the clean reference, already emitted
                 emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})

@@ -123,28 +123,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank_config(output_dir) -> CacheConfig:
+    """The cache of one rank of a two-rank run (small shards, so each rank writes several)."""
+    return _cfg(
+        output_dir,
+        hookpoints=["blocks.1"],
+        batch_size=10,
+        rows_per_shard=64,
+        shuffle_buffer_rows=128,
+    )
+
+
 def _rank_worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        from test_cache_support import tiny_transformer, token_inputs
-
-        from saekit.adapters import CustomAdapter
-        from saekit.cache import CacheConfig, cache_activations
-
-        cfg = CacheConfig(
-            output_dir=output_dir,
-            hookpoints=["blocks.1"],
-            batch_size=10,
-            rows_per_shard=64,
-            shuffle_buffer_rows=128,
-            dtype="float32",
-            progress=False,
-        )
         cache_activations(
-            CustomAdapter(tiny_transformer()), token_inputs(90), cfg
+            CustomAdapter(tiny_transformer()), token_inputs(90), _rank_config(output_dir)
         )  # rank from dist
         dist.barrier()
     finally:
@@ -189,17 +186,12 @@ def test_a_rank_that_has_not_written_its_manifest_leaves_the_merge_for_later(tmp
     an unfinished part, so it leaves the merge to the last rank instead of failing."""
     root = tmp_path / "sharded"
     (root / "rank-00001-of-00002").mkdir(parents=True)  # rank 1: started, nothing written yet
-    cfg = CacheConfig(
-        output_dir=str(root),
-        hookpoints=["blocks.1"],
-        batch_size=10,
-        rows_per_shard=64,
-        shuffle_buffer_rows=128,
-        dtype="float32",
-        progress=False,
-    )
     result = cache_activations(
-        CustomAdapter(tiny_transformer()), token_inputs(20), cfg, rank=0, world_size=2
+        CustomAdapter(tiny_transformer()),
+        token_inputs(20),
+        _rank_config(root),
+        rank=0,
+        world_size=2,
     )
     assert result.merged is None
     assert (root / "rank-00000-of-00002" / "manifest.json").exists()

@@ -72,9 +72,10 @@ class Scope:
     latents fire the same way); None: every row."""
     weight_by: tuple[int, ...] | None = None
     """Weight each row by how strongly these latents fire: the summed value of those that fire
-    over their summed typical activation (0 where none fires; needs ``typical=``). An anchor concept added this
-    way replaces an erased one in proportion to its presence (Kumari et al. 2023 map an erased
-    concept to an anchor; :func:`~.unlearn.unlearn` with ``anchor=``); None: no weighting."""
+    over their summed typical activation (0 where none fires; needs ``typical=``). An anchor
+    concept added this way replaces an erased one in proportion to its presence (Kumari et al.
+    2023 map an erased concept to an anchor; :func:`~.unlearn.unlearn` with ``anchor=``); None:
+    no weighting."""
 
     def __post_init__(self) -> None:
         if self.tokens not in ("all", "image", "text"):

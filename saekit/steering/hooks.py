@@ -52,12 +52,16 @@ def feature_values(codes: SparseCodes, features: Tensor) -> Tensor:
     return out
 
 
+def _firing(codes: SparseCodes, features: Sequence[int]) -> Tensor:
+    """``(nnz,)`` whether each active entry of ``codes`` is one of ``features``, firing."""
+    wanted = torch.tensor(features, dtype=torch.long, device=codes.indices.device)
+    return torch.isin(codes.indices, wanted) & (codes.values > 0)
+
+
 def _rows_where_active(codes: SparseCodes, features: Sequence[int], n: int) -> Tensor:
     """``(N,)`` whether any of ``features`` fires (value > 0) on each row of ``codes``."""
-    wanted = torch.tensor(features, dtype=torch.long, device=codes.indices.device)
-    hit = torch.isin(codes.indices, wanted) & (codes.values > 0)  # (nnz,)
     out = torch.zeros(n, dtype=torch.bool, device=codes.indices.device)
-    out[codes.rows()[hit]] = True
+    out[codes.rows()[_firing(codes, features)]] = True
     return out
 
 
@@ -67,8 +71,7 @@ def _presence(codes: SparseCodes, features: Sequence[int], typical: Tensor, n: i
     activation (1: they fire as on a typical row of their concept; 0: none fires). Only the
     latents that fire count: a TopK row holds few of a concept's latents at once, and a row of
     one of several merged concepts should weigh as much as a row of a concept alone."""
-    wanted = torch.tensor(features, dtype=torch.long, device=codes.indices.device)
-    hit = torch.isin(codes.indices, wanted) & (codes.values > 0)  # (nnz,)
+    hit = _firing(codes, features)  # (nnz,)
     rows = codes.rows()[hit]
     value = torch.zeros(n, dtype=codes.values.dtype, device=codes.values.device)
     value.index_add_(0, rows, codes.values[hit])

@@ -219,6 +219,30 @@ def read_factors(oracle: Any, images: Tensor) -> list[dict[str, str | None]]:
     return out
 
 
+def steering_scenes(factor: str, target: str, count: int, seed: int) -> list[Any]:
+    """The ``count`` single-object scenes steered toward ``target``: they name another value of
+    ``factor`` (one pool per target, seeded by ``seed`` and the target's place in the factor)."""
+    from ..testbed import world
+
+    offset = world.FACTOR_VALUES[factor].index(target)
+    pool = world.sample_scenes(4 * count, seed=20_000 + seed + offset, objects=1)
+    return [s for s in pool if value_of(s, factor) != target][:count]
+
+
+def preserved(
+    reads: Sequence[dict[str, str | None]],
+    clean: Sequence[dict[str, str | None]],
+    factors: Sequence[str],
+) -> tuple[float, dict[str, float]]:
+    """The share of (sample, factor) pairs of ``factors`` read as in the clean sample of the same
+    prompt and noise, overall and per factor."""
+    by_factor = {
+        f: sum(r[f] == c[f] for r, c in zip(reads, clean, strict=True)) / len(reads)
+        for f in factors
+    }
+    return sum(by_factor.values()) / len(factors), by_factor
+
+
 def diffusion_steering(
     setup: DiffusionSetup,
     factor: str,
@@ -258,20 +282,17 @@ def diffusion_steering(
         sorted({f for sel in selections.values() for e in sel.entries for f in e.features})
     )
     records = []
-    for target_index, (target, selection) in enumerate(selections.items()):
-        pool = world.sample_scenes(
-            4 * prompts_per_target, seed=20_000 + seed + target_index, objects=1
-        )
-        scenes = [s for s in pool if value_of(s, factor) != target][:prompts_per_target]
+    for target, selection in selections.items():
+        scenes = steering_scenes(factor, target, prompts_per_target, seed)
         prompts = [s.caption() for s in scenes]
         clean = generate_images(setup.adapter, prompts, seed)
         clean_read = read_factors(oracle, clean)
+        rest = [sel for value, sel in selections.items() if value != target]
         for strength in (0.0, *strengths):
             if strength == 0:
                 images, reads = clean, clean_read
             else:
                 if mode == "replace":
-                    rest = [sel for value, sel in selections.items() if value != target]
                     handle = unlearn(
                         setup.adapter,
                         setup.sae,
@@ -295,7 +316,7 @@ def diffusion_steering(
             pairs = len(reads) * len(others)
             # Preserved: as the unsteered sample of the same noise shows them; correct: as the
             # prompt asks (bounded by the pipeline's own accuracy).
-            kept = sum(r[f] == c[f] for r, c in zip(reads, clean_read, strict=True) for f in others)
+            kept, kept_by_factor = preserved(reads, clean_read, others)
             correct = sum(
                 r[f] == value_of(s, f) for r, s in zip(reads, scenes, strict=True) for f in others
             )
@@ -305,15 +326,8 @@ def diffusion_steering(
                     "target": target,
                     "strength": strength,
                     "success": round(success, 4),
-                    "others_preserved": round(kept / pairs, 4),
-                    "preserved_by_factor": {
-                        f: round(
-                            sum(r[f] == c[f] for r, c in zip(reads, clean_read, strict=True))
-                            / len(reads),
-                            4,
-                        )
-                        for f in others
-                    },
+                    "others_preserved": round(kept, 4),
+                    "preserved_by_factor": {f: round(v, 4) for f, v in kept_by_factor.items()},
                     "others_correct": round(correct / pairs, 4),
                     "pixel_distance": round(float((images - clean).abs().mean()), 4),
                     "n": len(prompts),
@@ -352,23 +366,20 @@ def prompt_edit_reference(
     oracle = oracle or Oracle()
     others = [f for f in world.FACTORS if f != factor]
     records = []
-    for target_index, target in enumerate(world.FACTOR_VALUES[factor]):
-        pool = world.sample_scenes(
-            4 * prompts_per_target, seed=20_000 + seed + target_index, objects=1
-        )
-        scenes = [s for s in pool if value_of(s, factor) != target][:prompts_per_target]
+    for target in world.FACTOR_VALUES[factor]:
+        scenes = steering_scenes(factor, target, prompts_per_target, seed)
         clean = read_factors(
             oracle, generate_images(setup.adapter, [s.caption() for s in scenes], seed)
         )
         edited = [with_value(s, factor, target).caption() for s in scenes]
         reads = read_factors(oracle, generate_images(setup.adapter, edited, seed))
-        kept = sum(r[f] == c[f] for r, c in zip(reads, clean, strict=True) for f in others)
+        kept, _ = preserved(reads, clean, others)
         records.append(
             {
                 "factor": factor,
                 "target": target,
                 "success": round(sum(r[factor] == target for r in reads) / len(reads), 4),
-                "others_preserved": round(kept / (len(reads) * len(others)), 4),
+                "others_preserved": round(kept, 4),
                 "n": len(scenes),
             }
         )
@@ -388,12 +399,14 @@ def diffusion_unlearning(
     n_other: int = 48,
     oracle: Any = None,
     seed: int = 2,
+    clean_images: dict[tuple[str, str, int, int, int], Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """UA / IRA / CRA of unlearning ``target`` (a value of ``factor``): per multiplier
     (SAeUron), or with an ``anchor`` (another value of the factor put in the target's place,
     multiplier 0) per anchor strength; the first record is the clean reference (no
     unlearning). ``seed`` picks the prompts and the noise, so settings tuned on one seed can be
-    measured on another."""
+    measured on another. ``clean_images``: a dict shared by calls on the same ``setup``, so a
+    sweep generates the unedited images of each prompt set once."""
     from ..testbed import world
     from ..testbed.oracle import Oracle
 
@@ -419,7 +432,13 @@ def diffusion_unlearning(
     clean_ira = clean_cra = 1.0
     for index, (multiplier, anchor_strength) in enumerate(settings):
         if index == 0:
-            images = generate_images(setup.adapter, prompts, seed)
+            key = (factor, target, n_target, n_other, seed)
+            if clean_images is not None and key in clean_images:
+                images = clean_images[key]
+            else:
+                images = generate_images(setup.adapter, prompts, seed)
+                if clean_images is not None:
+                    clean_images[key] = images
         else:
             handle = unlearn(
                 setup.adapter,
