@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from saekit.steering import DEFAULT_MIN_SPECIFICITY
 from saekit.steering import testbed as bench
 from saekit.testbed import models
 
@@ -195,6 +196,7 @@ def run_steering(setup: Any, args: Any, emit: Emitter) -> None:
                 count=args.count,
                 branch=args.branch,
                 mode=mode,
+                min_specificity=args.min_specificity,
             )
             for r in records:
                 emit("steer_diffusion", {**r, "hookpoint": setup.hookpoint})
@@ -219,6 +221,7 @@ def run_steering(setup: Any, args: Any, emit: Emitter) -> None:
                     branch=args.branch,
                     mode=mode,
                     seed=HELDOUT_SEED,
+                    min_specificity=args.min_specificity,
                 )
                 emit(
                     "steer_heldout",
@@ -260,6 +263,7 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
         n_other=2 * n,
         seed=2,
         clean_images=clean,
+        min_specificity=args.min_specificity,
     ):
         emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})
     tuned: list[dict[str, Any]] = []
@@ -276,6 +280,7 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
                 n_other=2 * n,
                 seed=2,
                 clean_images=clean,
+                min_specificity=args.min_specificity,
             )
             for r in records[1:]:  # the first is the clean reference, already emitted
                 emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})
@@ -291,6 +296,7 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
         n_target=2 * (8 if args.quick else 24),
         n_other=4 * (8 if args.quick else 24),
         seed=args.heldout_seed,
+        min_specificity=args.min_specificity,
     )
     for r in heldout:
         emit(
@@ -329,10 +335,21 @@ def main() -> None:
     parser.add_argument("--strengths", type=float, nargs="*", default=[1.0, 1.5, 2.0, 4.0])
     parser.add_argument("--multipliers", type=float, nargs="*", default=[-1.0, -1.5, -2.0, -4.0])
     parser.add_argument("--modes", nargs="*", default=["add", "replace"], help="steering modes")
-    parser.add_argument("--replace_strengths", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0])
+    parser.add_argument(
+        "--replace_strengths", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0, 2.5]
+    )
+    parser.add_argument(
+        "--min_specificity",
+        type=float,
+        default=DEFAULT_MIN_SPECIFICITY,
+        help="detectors of a concept (replace mode, unlearning); 0: every selected latent",
+    )
     parser.add_argument("--unlearn_count", type=int, default=8, help="latents per concept")
     parser.add_argument(
-        "--tune_prompts", type=int, default=24, help="tuning prompts with the concept (x2 without)"
+        "--tune_prompts",
+        type=int,
+        default=48,
+        help="tuning prompts with the concept (x2 without; at 24 the pick was noise-limited)",
     )
     parser.add_argument(
         "--heldout_seed", type=int, default=3, help="held-out prompts and noise (48 and 96)"
@@ -399,6 +416,7 @@ def main() -> None:
                     "rows": len(setup.rows),
                     "d_sae": setup.sae.d_sae,
                     "k": setup.sae.cfg.k,
+                    "min_specificity": args.min_specificity,
                     "seconds": round(time.time() - t, 1),
                 },
             )

@@ -82,7 +82,8 @@ def test_unlearn_command_selects_saves_and_applies(pipeline_dir, tmp_path):
     selection = json.loads((out / "red.json").read_text())
     assert selection["concept"] == "red" and {e["step"] for e in selection["entries"]} == {0, 1}
     applied = json.loads((out / "applied.json").read_text())
-    assert applied["concepts"] == ["red"]
+    assert applied["concepts"] == ["red"] and applied["min_specificity"] == 0.95
+    assert all(len(e["specificity"]) == len(e["features"]) for e in selection["entries"])
     assert all(i["kind"] == "scale" and i["strength"] == -2.0 for i in applied["interventions"])
     # the saved selection is read back by a second run (two concepts at once)
     out2 = tmp_path / "out2"

@@ -23,6 +23,7 @@ from saekit.steering import (
     pick,
     saeuron_scores,
     select_concept,
+    specificities,
     unlearn,
     unlearn_interventions,
 )
@@ -69,6 +70,29 @@ def test_select_concept_finds_the_planted_latent_per_step():
     assert sorted(pooled.entries[0].features) == [3, 5] and pooled.entries[0].step is None
 
 
+def test_specificity_tells_a_concept_latent_from_a_shared_one():
+    sae = identity_sae()
+    n = 200
+    with_concept = torch.zeros(n, 8)
+    with_concept[:, 0] = 1.0  # fires everywhere (the background)
+    with_concept[:, 3] = 2.0  # only with the concept
+    with_concept[:, 6] = 2.0  # with the concept, and (less) without it: a shared latent
+    without = torch.zeros(n, 8)
+    without[:, 0] = 1.5
+    without[:, 6] = 0.5
+    # normalised means: with (0.2, 0.4, 0.4) and without (0.75, 0, 0.25) for latents 0, 3, 6
+    spec = specificities(latent_stats(sae, with_concept).mean, latent_stats(sae, without).mean)
+    torch.testing.assert_close(spec[[0, 3, 6, 7]], torch.tensor([0.2 / 0.95, 1.0, 0.4 / 0.65, 0]))
+    selection = select_concept("thing", {"h": sae}, {"h": with_concept}, {"h": without}, count=2)
+    (entry,) = selection.entries
+    assert entry.features == [3, 6]  # both score (0.4 and 0.15): the score cannot tell them apart
+    assert entry.specificity == pytest.approx([1.0, 0.6154], abs=1e-4)
+    assert selection.detectors("h", min_specificity=0.95) == [3]
+    assert selection.detectors("h", min_specificity=0.5) == [3, 6]
+    old = Selection("thing", [SelectionEntry("h", [3, 6], [1, 1], [1, 1])])  # no specificity
+    assert old.detectors("h", min_specificity=0.95) == [3, 6]
+
+
 def test_latent_stats_mean_and_firing_mean():
     sae = identity_sae(4)
     x = torch.tensor([[1.0, 0, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
@@ -82,7 +106,7 @@ def test_selection_file_round_trip(tmp_path):
         "circle",
         [
             SelectionEntry("mid_block", [4, 9], [0.2, 0.1], [1.5, 0.5], step=0, timestep=999.0),
-            SelectionEntry("mid_block", [9], [0.3], [0.7], step=1, timestep=500.0),
+            SelectionEntry("mid_block", [9], [0.3], [0.7], 1, 500.0, specificity=[0.97]),
         ],
         meta={"percentile": 99.0},
     )
@@ -152,6 +176,28 @@ def test_unlearn_with_an_anchor_adds_it_where_the_concept_fires():
     assert add.scope.weight_by == (1, 2) and add.scope.steps == (0, 1)
 
 
+def test_shared_latents_are_edited_only_where_a_detector_fires():
+    concept = Selection(
+        "circle",
+        [SelectionEntry("m", [1, 2, 3], [1, 1, 1], [1, 1, 1], 0, specificity=[1, 0.6, 0.99])],
+    )
+    anchor = Selection("square", [SelectionEntry("m", [5], [1], [1], step=0)])
+    scale, add = unlearn_interventions(concept, multiplier=0.0, anchor=anchor)
+    assert scale.features == (1, 2, 3) and scale.scope.where_active == (1, 3)
+    assert add.scope.weight_by == (1, 3)  # presence read from the detectors alone
+    for everywhere in (None, 0.0):  # SAeUron as published: each latent wherever it fires
+        (scale,) = unlearn_interventions(concept, min_specificity=everywhere)
+        assert scale.scope.where_active is None
+    pure = Selection("red", [SelectionEntry("m", [1, 3], [1, 1], [1, 1], specificity=[1, 1])])
+    assert unlearn_interventions(pure)[0].scope.where_active is None  # all detectors: no gate
+    shared = Selection("blue", [SelectionEntry("m", [4], [1], [1], 0, specificity=[0.6])])
+    assert unlearn_interventions(shared)[0].scope.where_active is None  # no detector: all are
+    (both,) = unlearn_interventions([concept, shared])  # each concept's own detectors
+    assert both.features == (1, 2, 3, 4) and both.scope.where_active == (1, 3, 4)
+    with pytest.raises(ValueError, match=r"min_specificity must be in \[0, 1\]"):
+        unlearn_interventions(concept, min_specificity=1.5)
+
+
 class _Net(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -178,6 +224,34 @@ def test_anchor_replaces_the_concept_in_proportion_to_its_presence():
     expected[:, 5] = torch.tensor([1.0, 0.5, 0.0, 2.0]) * 3.0  # the anchor, typical 3
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     assert torch.equal(net(x), x)  # hooks removed
+
+
+def test_a_shared_latent_is_left_alone_on_rows_without_the_concept():
+    sae = identity_sae()
+    # latent 1: the concept's detector; latent 2: selected too, but it also fires on another
+    # word (row 1), as a shared latent of a token-embedding dictionary does
+    concept = Selection(
+        "circle", [SelectionEntry("h", [1, 2], [1, 1], [2.0, 1.0], specificity=[1, 0.6])]
+    )
+    x = torch.zeros(3, 8)
+    x[0, 1], x[0, 2] = 2.0, 1.0  # the concept's token
+    x[1, 2], x[1, 4] = 1.0, 3.0  # another word that shares latent 2
+    x[2, 1], x[2, 2] = 1.0, 1.0  # the concept at half strength
+    net = _Net()
+    with unlearn(net, sae, concept, multiplier=-1.0):
+        out = net(x)
+    expected = x.clone()
+    expected[[0, 2], 1:3] *= -1  # flipped where the detector fires ...
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)  # ... and row 1 untouched
+    with unlearn(net, sae, concept, multiplier=-1.0, min_specificity=None):
+        out = net(x)
+    assert out[1, 2] == -1.0  # SAeUron as published: the shared latent flipped there too
+    anchor = Selection("square", [SelectionEntry("h", [5], [1], [4.0])])
+    with unlearn(net, sae, concept, multiplier=0.0, anchor=anchor, anchor_strength=1.0):
+        out = net(x)
+    # the anchor in proportion to the detector's presence: 2 / 2 and 1 / 2 of its typical 4
+    torch.testing.assert_close(out[:, 5], torch.tensor([4.0, 0.0, 2.0]), rtol=0, atol=1e-6)
+    assert torch.equal(out[1], x[1])
 
 
 def test_weight_by_needs_the_typical_activation_of_its_latents():

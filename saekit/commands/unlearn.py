@@ -42,6 +42,11 @@ class UnlearnConfig(GenerationConfig):
     """The anchor's latents, in units of their typical activation, on a row where the concepts
     fire as strongly as typical (less where they fire less)."""
 
+    min_specificity: float = 0.95
+    """Selected latents at least this specific to their concept are its detectors; the others
+    (shared with other concepts) are edited only where a detector fires. 0: every latent is
+    edited wherever it fires (SAeUron as published)."""
+
     concept: str | None = None
     """Select this concept first, from --with_prompts and --without_prompts."""
 
@@ -128,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         "multiplier": cfg.multiplier,
         "anchor": None if anchor is None else anchor.concept,
         "anchor_strength": None if anchor is None else cfg.anchor_strength,
+        "min_specificity": cfg.min_specificity,
     }
     if cfg.compare:
         record["clean"] = generate_outputs(adapter, cfg, "clean")
@@ -138,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         multiplier=cfg.multiplier,
         anchor=anchor,
         anchor_strength=cfg.anchor_strength,
+        min_specificity=cfg.min_specificity,
     )
     with handle:
         record["outputs"] = generate_outputs(adapter, cfg, "images")

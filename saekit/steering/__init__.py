@@ -27,10 +27,12 @@ from .selection import (
     pick,
     saeuron_scores,
     select_concept,
+    specificities,
 )
-from .unlearn import unlearn, unlearn_interventions
+from .unlearn import DEFAULT_MIN_SPECIFICITY, unlearn, unlearn_interventions
 
 __all__ = [
+    "DEFAULT_MIN_SPECIFICITY",
     "Intervention",
     "LatentStats",
     "Scope",
@@ -46,6 +48,7 @@ __all__ = [
     "resize_mask",
     "saeuron_scores",
     "select_concept",
+    "specificities",
     "steer",
     "unlearn",
     "unlearn_interventions",

@@ -13,6 +13,21 @@ percentile of the scores (SAeUron), or the top ``count``, are selected; each sel
 typical activation (its mean value where it fires on the concept) is kept so that relative
 strengths mean the same for every latent.
 
+The score rewards a latent that fires *more* with the concept, not one that fires *only* with
+it. A latent shared by the concept's word and an unrelated word (common in dictionaries of token
+embeddings, where each word is a sum of a few shared latents), or another concept's latent that
+co-occurs with this one by chance in the two sets, can score as high as a pure one, and editing
+it wherever it fires edits the other concept too. Each selected latent's *specificity* is
+therefore kept as well: the share of its normalised mean activation that falls on the inputs
+with the concept,
+
+    specificity(i, t) = a(i, t) / (a(i, t) + b(i, t))
+
+with ``a`` and ``b`` the two normalised means above (0.5: fires alike with and without the
+concept; 1: only with it; the latent's precision as a detector of the concept). Unlearning uses
+the specific latents as the concept's *detectors*: every selected latent is edited, but only on
+rows where a detector fires (:func:`~.unlearn.unlearn_interventions`).
+
 A :class:`Selection` is a small JSON file that ``saekit steer`` and ``saekit unlearn`` read.
 """
 
@@ -70,6 +85,16 @@ def saeuron_scores(with_concept: Tensor, without_concept: Tensor) -> Tensor:
     return a - b
 
 
+def specificities(with_concept: Tensor, without_concept: Tensor) -> Tensor:
+    """``(d_sae,)`` share of each latent's normalised mean activation that falls on the inputs
+    with the concept, from the same two ``(d_sae,)`` mean vectors (0 for a latent that never
+    fires)."""
+    eps = torch.finfo(torch.float32).tiny
+    a = with_concept.float() / with_concept.float().sum().clamp_min(eps)
+    b = without_concept.float() / without_concept.float().sum().clamp_min(eps)
+    return a / (a + b).clamp_min(eps)
+
+
 def pick(scores: Tensor, *, count: int | None = None, percentile: float | None = None) -> Tensor:
     """Latent ids by descending score: the top ``count``, or those above the ``percentile``-th
     percentile (e.g. 99.9 keeps the top 0.1%); only latents with a positive score."""
@@ -101,6 +126,20 @@ class SelectionEntry:
     step: int | None = None
     """Denoising step index; None: every call (no steps, or scored over all steps)."""
     timestep: float | None = None
+    specificity: list[float] | None = None
+    """Each feature's specificity (see the module's docstring); None in files written before
+    saekit recorded it (then every feature counts as a detector)."""
+
+    def detectors(self, min_specificity: float) -> list[int]:
+        """The features whose specificity is at least ``min_specificity``: the latents that say
+        the concept is present on a row. Every feature when none is that specific (or the
+        specificity is unknown), so a concept never loses its edit."""
+        if self.specificity is None:
+            return list(self.features)
+        specific = [
+            f for f, s in zip(self.features, self.specificity, strict=True) if s >= min_specificity
+        ]
+        return specific or list(self.features)
 
 
 @dataclass
@@ -118,6 +157,17 @@ class Selection:
             for e in self.entries
             if e.hookpoint == hookpoint and (step is None or e.step in (None, step))
             for f in e.features
+        ]
+
+    def detectors(
+        self, hookpoint: str, step: int | None = None, *, min_specificity: float
+    ) -> list[int]:
+        """:meth:`SelectionEntry.detectors` of the entries at ``hookpoint`` (and ``step``)."""
+        return [
+            f
+            for e in self.entries
+            if e.hookpoint == hookpoint and (step is None or e.step in (None, step))
+            for f in e.detectors(min_specificity)
         ]
 
     def typical_tensor(self, hookpoint: str, d_sae: int) -> Tensor | None:
@@ -215,6 +265,7 @@ def select_concept(
             neg = latent_stats(sae, negative[step][0], batch_size=batch_size)
             scores = saeuron_scores(pos.mean, neg.mean)
             chosen = pick(scores, count=count, percentile=percentile)
+            specificity = specificities(pos.mean, neg.mean)[chosen]
             selection.entries.append(
                 SelectionEntry(
                     hookpoint,
@@ -223,21 +274,26 @@ def select_concept(
                     [round(float(t), 6) for t in pos.firing_mean[chosen]],
                     step,
                     timestep,
+                    [round(float(s), 4) for s in specificity],
                 )
             )
     return selection
 
 
 def merge_features(
-    selections: Iterable[Selection],
+    selections: Iterable[Selection], *, min_specificity: float | None = None
 ) -> dict[tuple[str, int | None], list[int]]:
     """``(hookpoint, step) -> features``: the union of several selections' latents (each
-    latent once, so one edited twice is not scaled twice)."""
+    latent once, so one edited twice is not scaled twice); with ``min_specificity``, only their
+    detectors (:meth:`Selection.detectors`)."""
     out: dict[tuple[str, int | None], list[int]] = {}
     for selection in selections:
         for entry in selection.entries:
             features = out.setdefault((entry.hookpoint, entry.step), [])
-            features.extend(f for f in entry.features if f not in features)
+            kept = entry.features
+            if min_specificity is not None:
+                kept = entry.detectors(min_specificity)
+            features.extend(f for f in kept if f not in features)
     return out
 
 

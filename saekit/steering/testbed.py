@@ -35,7 +35,7 @@ from ..dictionaries import SAEConfig, SparseAutoencoder
 from .api import steer
 from .config import Intervention, Scope
 from .selection import Selection, collect_rows, select_concept
-from .unlearn import unlearn
+from .unlearn import DEFAULT_MIN_SPECIFICITY, unlearn
 
 
 def train_dictionary(
@@ -255,6 +255,7 @@ def diffusion_steering(
     mode: str = "add",
     oracle: Any = None,
     seed: int = 1,
+    min_specificity: float | None = DEFAULT_MIN_SPECIFICITY,
 ) -> list[dict[str, Any]]:
     """Steering toward each value of ``factor`` (colour or shape) from prompts that name another
     value: one record per target and strength (strength 0: the unsteered samples). Success: the
@@ -267,7 +268,8 @@ def diffusion_steering(
     anchor, ``strength`` the anchor strength), so rows without the factor are left alone.
     ``gate``: (``add``) edit only the rows where one of the factor's latents (any value's)
     fires (measured on the shipped pipeline at 20 steps: lower success for about the same
-    preservation, so off by default)."""
+    preservation, so off by default). ``min_specificity``: (``replace``) the other values'
+    detectors (:func:`~.unlearn.unlearn`)."""
     if mode not in ("add", "replace"):
         raise ValueError(f"mode must be add or replace, got {mode!r}")
     from ..testbed import world
@@ -300,6 +302,7 @@ def diffusion_steering(
                         multiplier=0.0,
                         anchor=selection,
                         anchor_strength=strength,
+                        min_specificity=min_specificity,
                     )
                 else:
                     interventions = selection_interventions(
@@ -400,13 +403,15 @@ def diffusion_unlearning(
     oracle: Any = None,
     seed: int = 2,
     clean_images: dict[tuple[str, str, int, int, int], Tensor] | None = None,
+    min_specificity: float | None = DEFAULT_MIN_SPECIFICITY,
 ) -> list[dict[str, Any]]:
     """UA / IRA / CRA of unlearning ``target`` (a value of ``factor``): per multiplier
     (SAeUron), or with an ``anchor`` (another value of the factor put in the target's place,
     multiplier 0) per anchor strength; the first record is the clean reference (no
     unlearning). ``seed`` picks the prompts and the noise, so settings tuned on one seed can be
     measured on another. ``clean_images``: a dict shared by calls on the same ``setup``, so a
-    sweep generates the unedited images of each prompt set once."""
+    sweep generates the unedited images of each prompt set once. ``min_specificity``: the
+    target's detectors (:func:`~.unlearn.unlearn`)."""
     from ..testbed import world
     from ..testbed.oracle import Oracle
 
@@ -447,6 +452,7 @@ def diffusion_unlearning(
                 multiplier=multiplier,
                 anchor=None if anchor is None else selections[anchor],
                 anchor_strength=anchor_strength or 0.0,
+                min_specificity=min_specificity,
             )
             with handle:
                 images = generate_images(setup.adapter, prompts, seed)

@@ -15,6 +15,15 @@ concept onto an *anchor* concept. ``anchor=`` does that with the dictionary: the
 are scaled by the multiplier (0 removes them) and the anchor's latents are added in their place,
 in proportion to how strongly the concept fired on each row (``Scope.weight_by``), so a token
 without the concept is left alone and one with it reads as the anchor.
+
+"Where the concept fires" is decided by its *detectors*: the selected latents of specificity at
+least ``min_specificity`` (:mod:`.selection`), the ones that fire almost only with the concept.
+Its other selected latents are shared with other concepts (on the testbed's token-embedding
+dictionary, a "circle" latent also fires on the word "orange"); they are edited only on rows
+where a detector fires, so unlearning "circle" leaves "orange" alone. On the testbed this kept
+other factors in 96% of steered samples against 92% when every selected latent was edited
+wherever it fired. ``min_specificity=None`` (or 0) edits every latent wherever it fires
+(SAeUron as published).
 """
 
 from __future__ import annotations
@@ -27,6 +36,9 @@ from .api import SteeringHandle, steer
 from .config import Intervention, Scope
 from .selection import Selection, merge_features
 
+DEFAULT_MIN_SPECIFICITY = 0.95
+"""A detector's normalised mean activation falls at least 95% on inputs with the concept."""
+
 DEFAULT_MULTIPLIER = -1.0
 """SAeUron's negative multiplier: the concept's latents are flipped, not only zeroed, which
 pushes the activation away from the concept (the paper tunes it per model; -1 to -5 here)."""
@@ -38,25 +50,43 @@ def unlearn_interventions(
     multiplier: float = DEFAULT_MULTIPLIER,
     anchor: Selection | None = None,
     anchor_strength: float = 1.0,
+    min_specificity: float | None = DEFAULT_MIN_SPECIFICITY,
 ) -> list[Intervention]:
-    """``scale`` interventions for ``selections``: one per hookpoint and selected step; with an
-    ``anchor``, also an ``add`` of the anchor's latents there (``anchor_strength`` times their
-    typical activation, weighted per row by the concepts' presence)."""
+    """``scale`` interventions for ``selections``: one per hookpoint and selected step, on the
+    rows where one of the concepts' detectors fires; with an ``anchor``, also an ``add`` of the
+    anchor's latents there (``anchor_strength`` times their typical activation, weighted per row
+    by the detectors' presence)."""
     if isinstance(selections, Selection):
         selections = [selections]
+    if min_specificity is not None and not 0 <= min_specificity <= 1:
+        raise ValueError(
+            f"min_specificity must be in [0, 1] (0 or None: every selected latent is a "
+            f"detector, edited wherever it fires), got {min_specificity}"
+        )
     label = "unlearn " + ", ".join(s.concept for s in selections)
+    detectors = (
+        {}
+        if min_specificity is None
+        else merge_features(selections, min_specificity=min_specificity)
+    )
     out = []
     for (hookpoint, step), features in merge_features(selections).items():
         if not features:
             continue
         steps = None if step is None else (step, step + 1)
+        # (rows where none of `features` fires are unchanged by a scale, so a gate equal to
+        # all of them is no gate)
+        gate = detectors.get((hookpoint, step), features)
         out.append(
             Intervention(
                 tuple(features),
                 kind="scale",
                 strength=multiplier,
                 hookpoint=hookpoint,
-                scope=Scope(steps=steps),
+                scope=Scope(
+                    steps=steps,
+                    where_active=None if set(gate) == set(features) else tuple(gate),
+                ),
                 label=label,
             )
         )
@@ -71,7 +101,7 @@ def unlearn_interventions(
                     strength=anchor_strength,
                     relative=True,
                     hookpoint=hookpoint,
-                    scope=Scope(steps=steps, weight_by=tuple(features)),
+                    scope=Scope(steps=steps, weight_by=tuple(gate)),
                     label=f"{label}: anchor {anchor.concept}",
                 )
             )
@@ -86,13 +116,19 @@ def unlearn(
     multiplier: float = DEFAULT_MULTIPLIER,
     anchor: Selection | None = None,
     anchor_strength: float = 1.0,
+    min_specificity: float | None = DEFAULT_MIN_SPECIFICITY,
 ) -> SteeringHandle:
     """Install the unlearning of ``selections`` on ``model`` (a context manager, like
     :func:`~.api.steer`); ``anchor``: a concept put in their place (see the module docstring;
-    a multiplier of 0 with it measured best on the testbed)."""
+    a multiplier of 0 with it measured best on the testbed); ``min_specificity``: which
+    selected latents are detectors (None: edit every one wherever it fires)."""
     concepts = [selections] if isinstance(selections, Selection) else list(selections)
     interventions = unlearn_interventions(
-        concepts, multiplier=multiplier, anchor=anchor, anchor_strength=anchor_strength
+        concepts,
+        multiplier=multiplier,
+        anchor=anchor,
+        anchor_strength=anchor_strength,
+        min_specificity=min_specificity,
     )
     typical = None if anchor is None else [*concepts, anchor]
     return steer(model, saes, interventions, typical=typical)
