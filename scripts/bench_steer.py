@@ -12,15 +12,17 @@ scenes' factor labels (SAeUron's score; per denoising step for UNet hookpoints),
   ``replace`` the factor's other values by it where they fire) and strength (units of each
   latent's typical activation): oracle success rate, other factors preserved, pixel distance
   to the unsteered sample;
-* ``steer_heldout``: a setting that met the target, again on other prompts and noise;
+* ``steer_heldout``: a setting that met the target, again on other prompts and noise
+  (``--heldout_seed``);
 * ``steer_prompt_edit``: the reference for steering: the same prompts and noise with the
   factor's word itself changed to the target (how much of a sample the pipeline keeps when
   only that word changes);
 * ``unlearn_diffusion``: UA / IRA / CRA for one shape and one colour: SAeUron's negative
   multipliers, and replacement by an anchor value (Kumari et al. 2023) swept over anchor value,
-  latents per concept and anchor strength on tuning prompts; the best setting is then measured on
-  held-out prompts and noise (``unlearn_heldout``), so the reported figure is not the
-  one it was picked on;
+  latents per concept and anchor strength on tuning prompts; the best few are measured again on
+  validation prompts (``unlearn_validation``), the best of them over both sets is then measured
+  on held-out prompts and noise (``unlearn_heldout``), so the reported figure is not the one it
+  was picked on;
 * ``steer_clip``: share of image embeddings whose zero-shot colour label becomes the target;
 * ``steer_vlm``: share of captions whose colour word becomes the target (latents set).
 
@@ -123,8 +125,12 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 f"{v['others_correct']:.2f} | {v['pixel_distance']:.3f} |"
             )
         lines.append("")
-    unlearned = [r for r in records if r["bench"] in ("unlearn_diffusion", "unlearn_heldout")]
-    swept = [r for r in unlearned if r["anchor"] and not r.get("heldout")]
+    unlearned = [
+        r
+        for r in records
+        if r["bench"] in ("unlearn_diffusion", "unlearn_validation", "unlearn_heldout")
+    ]
+    swept = [r for r in unlearned if r["anchor"] and r["bench"] == "unlearn_diffusion"]
     if swept:  # the SAeUron rows, the three best anchored settings per concept, held-out rows
         lines += [
             f"Anchored settings tried on the tuning prompts: {len(swept)}; the three best per "
@@ -138,7 +144,11 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 :3
             ]
         }
-        unlearned = [r for r in unlearned if not r["anchor"] or r.get("heldout") or id(r) in shown]
+        unlearned = [
+            r
+            for r in unlearned
+            if not r["anchor"] or r["bench"] != "unlearn_diffusion" or id(r) in shown
+        ]
     if unlearned:
         lines += [
             "| unlearn | prompts | latents | multiplier | anchor (strength) | UA | IRA | CRA "
@@ -149,7 +159,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
             anchor = f"{r['anchor']} ({r['anchor_strength']})" if r["anchor"] else "-"
             clean = not r["anchor"] and r["multiplier"] == 0
             multiplier = "none (clean)" if clean else r["multiplier"]
-            prompts = "held out" if r.get("heldout") else "tuning"
+            prompts = {"unlearn_heldout": "held out", "unlearn_validation": "validation"}.get(
+                r["bench"], "tuning"
+            )
             lines.append(
                 f"| {r['target']} | {prompts} | {r['latents_per_step']} | {multiplier} | "
                 f"{anchor} | {r['UA']:.3f} | {r['IRA']:.3f} | {r['CRA']:.3f} | "
@@ -176,11 +188,6 @@ def markdown(records: list[dict[str, Any]]) -> str:
             lines.append(f"| {strength} | {hit:.2f} | {changed:.2f} |")
         lines.append("")
     return "\n".join(lines)
-
-
-HELDOUT_SEED = 7
-"""Prompts and noise of the held-out check of a steering setting that met the target (the
-sweep's are seed 1)."""
 
 
 def run_steering(setup: Any, args: Any, emit: Emitter) -> None:
@@ -220,7 +227,7 @@ def run_steering(setup: Any, args: Any, emit: Emitter) -> None:
                     count=args.count,
                     branch=args.branch,
                     mode=mode,
-                    seed=HELDOUT_SEED,
+                    seed=args.heldout_seed,
                     min_specificity=args.min_specificity,
                 )
                 emit(
@@ -229,7 +236,7 @@ def run_steering(setup: Any, args: Any, emit: Emitter) -> None:
                         "factor": factor,
                         "mode": mode,
                         "hookpoint": setup.hookpoint,
-                        "seed": HELDOUT_SEED,
+                        "seed": args.heldout_seed,
                         **best_strength(again),
                     },
                 )
@@ -243,16 +250,41 @@ def margin(record: dict[str, Any]) -> float:
     return min(record[k] - v for k, v in UNLEARN_TARGET.items())
 
 
+def setting(record: dict[str, Any]) -> tuple[str, int, float]:
+    """An anchored record's (anchor, latents per concept, anchor strength)."""
+    return record["anchor"], record["latents_per_step"], record["anchor_strength"]
+
+
+TUNING_SEED, VALIDATION_SEED = 2, 5
+"""Prompts and noise of the unlearning sweep and of its validation (held out: --heldout_seed)."""
+
+
 def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit: Emitter) -> None:
     """SAeUron's multipliers, the anchored sweep (anchor value, latents per concept, anchor
-    strength) on tuning prompts, and the best anchored setting again on held-out prompts and
-    noise."""
+    strength) on tuning prompts, its best few again on validation prompts, and the best of those
+    over both sets on held-out prompts and noise."""
     from saekit.testbed import world
 
     values = [v for v in world.FACTOR_VALUES[factor] if v != target]
     anchors = [a for a in args.anchors or values if a in values]
     t = time.time()
-    clean: dict = {}  # the unedited images of the tuning prompts, generated once
+    clean: dict = {}  # the unedited images of each prompt set, generated once
+
+    def measure(seed: int, count: int, anchor: str, strengths: list[float]) -> list[dict]:
+        return bench.diffusion_unlearning(
+            setup,
+            factor,
+            target,
+            count=count,
+            anchor=anchor,
+            anchor_strengths=strengths,
+            n_target=n,
+            n_other=2 * n,
+            seed=seed,
+            clean_images=clean,
+            min_specificity=args.min_specificity,
+        )[1:]  # (the first is the clean reference)
+
     for r in bench.diffusion_unlearning(
         setup,
         factor,
@@ -261,7 +293,7 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
         count=args.unlearn_count,
         n_target=n,
         n_other=2 * n,
-        seed=2,
+        seed=TUNING_SEED,
         clean_images=clean,
         min_specificity=args.min_specificity,
     ):
@@ -269,23 +301,19 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
     tuned: list[dict[str, Any]] = []
     for anchor in anchors:
         for count in args.anchor_counts:
-            records = bench.diffusion_unlearning(
-                setup,
-                factor,
-                target,
-                count=count,
-                anchor=anchor,
-                anchor_strengths=args.anchor_strengths,
-                n_target=n,
-                n_other=2 * n,
-                seed=2,
-                clean_images=clean,
-                min_specificity=args.min_specificity,
-            )
-            for r in records[1:]:  # the first is the clean reference, already emitted
+            for r in measure(TUNING_SEED, count, anchor, args.anchor_strengths):
                 emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})
                 tuned.append(r)
-    best = max(tuned, key=margin)
+    # At 48 prompts a rate moves by 0.02 a sample and the sweep's top settings tie within noise:
+    # the best few are measured again on other prompts and picked by both sets together.
+    finalists = sorted(tuned, key=margin, reverse=True)[: args.validate_top]
+    pooled = []
+    for r in finalists:
+        anchor, count, strength = setting(r)
+        (again,) = measure(VALIDATION_SEED, count, anchor, [strength])
+        emit("unlearn_validation", {**again, "seconds": round(time.time() - t, 1)})
+        pooled.append({**r, **{k: (r[k] + again[k]) / 2 for k in UNLEARN_TARGET}})
+    best = max(pooled, key=margin)
     heldout = bench.diffusion_unlearning(
         setup,
         factor,
@@ -352,7 +380,13 @@ def main() -> None:
         help="tuning prompts with the concept (x2 without; at 24 the pick was noise-limited)",
     )
     parser.add_argument(
-        "--heldout_seed", type=int, default=3, help="held-out prompts and noise (48 and 96)"
+        "--heldout_seed",
+        type=int,
+        default=11,
+        help="held-out prompts and noise of the checks (unlearning: 48 and 96)",
+    )
+    parser.add_argument(
+        "--validate_top", type=int, default=5, help="unlearning settings validated on new prompts"
     )
     parser.add_argument("--unlearn_factors", nargs="*", default=["shape", "color"])
     parser.add_argument("--anchor_counts", type=int, nargs="*", default=[4, 6, 8])

@@ -15,6 +15,7 @@ from steering_support import tiny_sae, tiny_testbed_pipeline
 
 from saekit.cli import main
 from saekit.dictionaries import save_dictionary
+from saekit.steering import DEFAULT_MIN_SPECIFICITY
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -82,7 +83,7 @@ def test_unlearn_command_selects_saves_and_applies(pipeline_dir, tmp_path):
     selection = json.loads((out / "red.json").read_text())
     assert selection["concept"] == "red" and {e["step"] for e in selection["entries"]} == {0, 1}
     applied = json.loads((out / "applied.json").read_text())
-    assert applied["concepts"] == ["red"] and applied["min_specificity"] == 0.95
+    assert applied["concepts"] == ["red"] and applied["min_specificity"] == DEFAULT_MIN_SPECIFICITY
     assert all(len(e["specificity"]) == len(e["features"]) for e in selection["entries"])
     assert all(i["kind"] == "scale" and i["strength"] == -2.0 for i in applied["interventions"])
     # the saved selection is read back by a second run (two concepts at once)

@@ -152,7 +152,8 @@ def test_unlearn_on_a_pipeline_flips_selected_latents_where_they_fire():
         assert {e.step for e in selection.entries} == {0, 1}
         clean = generate(pipe, ["a red circle"], steps=2)
         with (
-            unlearn(pipe, {"mid_block": sae}, selection, multiplier=-1.0),
+            # every selected latent wherever it fires (SAeUron as published)
+            unlearn(pipe, {"mid_block": sae}, selection, multiplier=-1.0, min_specificity=None),
             before_and_after(pipe.unet.mid_block) as (raw, steered),
         ):
             out = generate(pipe, ["a red circle"], steps=2)

@@ -42,7 +42,7 @@ class UnlearnConfig(GenerationConfig):
     """The anchor's latents, in units of their typical activation, on a row where the concepts
     fire as strongly as typical (less where they fire less)."""
 
-    min_specificity: float = 0.95
+    min_specificity: float = 0.9
     """Selected latents at least this specific to their concept are its detectors; the others
     (shared with other concepts) are edited only where a detector fires. 0: every latent is
     edited wherever it fires (SAeUron as published)."""

@@ -4,7 +4,10 @@ latents, and unlearn a shape, each shown as before/after grids with the oracle's
 The dictionary sits on the text tower's last layer (steering through the text encoder, as
 Concept Steerers do, Kim & Ghadiyaram 2025): on this UNet, edits at the mid block barely move the
 samples (see ``scripts/bench_steer.py``). Concept latents are selected with SAeUron's score
-(Cywinski & Deja 2025) from captions with and without the value.
+(Cywinski & Deja 2025) from captions with and without the value. The shape is unlearned by
+replacing it with an anchor shape (Kumari et al. 2023), the setting that met the unlearning
+targets in ``scripts/bench_steer.py``: negative scaling alone also erased the object's size and
+position.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ from . import report as report_files
 from .config import DemoConfig
 
 STEER_FACTOR, STEER_TARGET, STEER_STRENGTH = "color", "red", 2.0
-UNLEARN_FACTOR, UNLEARN_TARGET, UNLEARN_MULTIPLIER = "shape", "circle", -2.0
+UNLEARN_FACTOR, UNLEARN_TARGET, UNLEARN_ANCHOR, UNLEARN_ANCHOR_STRENGTH = (
+    "shape",
+    "circle",
+    "cross",
+    0.75,
+)
 
 
 def _read(oracle: Oracle, images: torch.Tensor, factor: str) -> list[str | None]:
@@ -79,22 +87,29 @@ def run_steering(cfg: DemoConfig, pipe: Any, out: Path, say: Any) -> dict[str, A
 
     # unlearning: prompts naming the shape (should lose it) and others (should keep theirs)
     say(f"[demo]     unlearning {UNLEARN_FACTOR}={UNLEARN_TARGET}")
-    shape_selection = factor_selections(
+    shapes = factor_selections(
         setup.sae, setup.hookpoint, setup.rows, setup.scenes, UNLEARN_FACTOR, count=8
-    )[UNLEARN_TARGET]
+    )
     named = [s for s in pool if value_of(s, UNLEARN_FACTOR) == UNLEARN_TARGET][: n // 2]
     other = [s for s in pool if value_of(s, UNLEARN_FACTOR) != UNLEARN_TARGET][: n - len(named)]
     scenes = named + other
     prompts = [s.caption() for s in scenes]
     clean_u = generate_images(setup.adapter, prompts, cfg.seed)
-    with unlearn(setup.adapter, setup.sae, shape_selection, multiplier=UNLEARN_MULTIPLIER):
+    with unlearn(
+        setup.adapter,
+        setup.sae,
+        shapes[UNLEARN_TARGET],
+        multiplier=0.0,
+        anchor=shapes[UNLEARN_ANCHOR],
+        anchor_strength=UNLEARN_ANCHOR_STRENGTH,
+    ):
         forgot = generate_images(setup.adapter, prompts, cfg.seed)
     read_clean, read_forgot = (_read(oracle, x, UNLEARN_FACTOR) for x in (clean_u, forgot))
     k = len(named)
     asked = [value_of(s, UNLEARN_FACTOR) for s in other]
     unlearn_row = {
         "concept": f"{UNLEARN_FACTOR}={UNLEARN_TARGET}",
-        "multiplier": UNLEARN_MULTIPLIER,
+        "anchor (strength)": f"{UNLEARN_ANCHOR} ({UNLEARN_ANCHOR_STRENGTH})",
         "prompts naming it / others": f"{k} / {len(other)}",
         "named shape drawn, before": sum(v == UNLEARN_TARGET for v in read_clean[:k]) / max(k, 1),
         "named shape drawn, after": sum(v == UNLEARN_TARGET for v in read_forgot[:k]) / max(k, 1),
@@ -116,7 +131,8 @@ def run_steering(cfg: DemoConfig, pipe: Any, out: Path, say: Any) -> dict[str, A
         {
             "png": _pair_grid(clean_u, forgot, out / "unlearn_circle.png"),
             "caption": f"top: samples (left half: captions naming a circle); bottom: the same "
-            f"with the circle latents scaled by {UNLEARN_MULTIPLIER}",
+            f"with the circle latents replaced by the {UNLEARN_ANCHOR} latents "
+            f"({UNLEARN_ANCHOR_STRENGTH}x typical) where circle fires",
         },
     ]
     return {

@@ -20,9 +20,10 @@ without the concept is left alone and one with it reads as the anchor.
 least ``min_specificity`` (:mod:`.selection`), the ones that fire almost only with the concept.
 Its other selected latents are shared with other concepts (on the testbed's token-embedding
 dictionary, a "circle" latent also fires on the word "orange"); they are edited only on rows
-where a detector fires, so unlearning "circle" leaves "orange" alone. On the testbed this kept
-other factors in 96% of steered samples against 92% when every selected latent was edited
-wherever it fired. ``min_specificity=None`` (or 0) edits every latent wherever it fires
+where a detector fires, so unlearning "circle" leaves "orange" alone. On the testbed, replacing
+the prompt's shape word through the text tower's input (strength 2) kept the other factors in
+96% and 93% of samples on two prompt sets, against 93% and 89% when every selected latent was
+edited wherever it fired. ``min_specificity=None`` (or 0) edits every latent wherever it fires
 (SAeUron as published).
 """
 
@@ -36,8 +37,9 @@ from .api import SteeringHandle, steer
 from .config import Intervention, Scope
 from .selection import Selection, merge_features
 
-DEFAULT_MIN_SPECIFICITY = 0.95
-"""A detector's normalised mean activation falls at least 95% on inputs with the concept."""
+DEFAULT_MIN_SPECIFICITY = 0.9
+"""A detector's normalised mean activation falls at least 90% on inputs with the concept (on
+the testbed, 0.95 left out the top "circle" latent of the text tower's last layer, at 0.93)."""
 
 DEFAULT_MULTIPLIER = -1.0
 """SAeUron's negative multiplier: the concept's latents are flipped, not only zeroed, which
