@@ -3,8 +3,8 @@
     nice -n 10 python scripts/bench_steer.py [--pipeline DIR] [--vlm DIR] [--parts ...] [--quick]
 
 Trains TopK dictionaries with saekit's Trainer on activations collected in memory (the
-pipeline's text tower: its last layer, and for steering also its input, the token embeddings;
-CLIP's image embeddings; a VLM language-model layer), selects each colour's and shape's latents with the
+pipeline's text tower: its input, the token embeddings, and its last layer; CLIP's image
+embeddings; a VLM language-model layer), selects each colour's and shape's latents with the
 scenes' factor labels (SAeUron's score; per denoising step for UNet hookpoints), then measures
 (see ``saekit.steering.testbed``):
 
@@ -26,8 +26,9 @@ scenes' factor labels (SAeUron's score; per denoising step for UNet hookpoints),
 * ``steer_clip``: share of image embeddings whose zero-shot colour label becomes the target;
 * ``steer_vlm``: share of captions whose colour word becomes the target (latents set).
 
-Each line carries the machine; a ``*_best`` line per factor gives the lowest strength reaching
-the issue's target (>= 80% success with >= 90% of other factors kept) or the best found.
+Each line carries the machine; a ``*_best`` line per factor gives the strength that clears the
+issue's target (>= 80% success with >= 90% of other factors kept) by the widest margin, or the
+best found.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ class Emitter:
 
 
 def best_strength(records: list[dict[str, Any]], key: str = "success") -> dict[str, Any]:
-    """Per factor: the mean over targets at each strength, and the lowest strength that meets
-    the target (>= 0.8 success, >= 0.9 preserved), else the strength with the best success."""
+    """Per factor: the mean over targets at each strength, and the strength that meets the
+    target (>= 0.8 success, >= 0.9 preserved) by the widest margin, else the strength with the
+    best success. (The lowest strength that only just meets it missed on held-out prompts.)"""
     by_strength: dict[float, list[dict[str, Any]]] = {}
     for r in records:
         by_strength.setdefault(r["strength"], []).append(r)
@@ -83,7 +85,11 @@ def best_strength(records: list[dict[str, Any]], key: str = "success") -> dict[s
         for s, rs in sorted(by_strength.items())
     }
     meets = [s for s, v in table.items() if v[key] >= 0.8 and v["others_preserved"] >= 0.9]
-    best = min(meets) if meets else max(table, key=lambda s: table[s][key])
+    best = (
+        max(meets, key=lambda s: min(table[s][key] - 0.8, table[s]["others_preserved"] - 0.9))
+        if meets
+        else max(table, key=lambda s: table[s][key])
+    )
     return {
         "best_strength": best,
         "meets_target": bool(meets),
@@ -134,15 +140,18 @@ def markdown(records: list[dict[str, Any]]) -> str:
     if swept:  # the SAeUron rows, the three best anchored settings per concept, held-out rows
         lines += [
             f"Anchored settings tried on the tuning prompts: {len(swept)}; the three best per "
-            "concept (ranked by their worst margin over the three targets) are shown.",
+            "concept and hookpoint (ranked by their worst margin over the three targets) are "
+            "shown.",
             "",
         ]
         shown = {
             id(r)
-            for target in {r["target"] for r in swept}
-            for r in sorted((r for r in swept if r["target"] == target), key=margin, reverse=True)[
-                :3
-            ]
+            for group in {(r["target"], r.get("hookpoint")) for r in swept}
+            for r in sorted(
+                (r for r in swept if (r["target"], r.get("hookpoint")) == group),
+                key=margin,
+                reverse=True,
+            )[:3]
         }
         unlearned = [
             r
@@ -151,9 +160,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
         ]
     if unlearned:
         lines += [
-            "| unlearn | prompts | latents | multiplier | anchor (strength) | UA | IRA | CRA "
-            "| IRA / clean | CRA / clean |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| unlearn | hookpoint | prompts | latents | multiplier | anchor (strength) | UA | IRA "
+            "| CRA | IRA / clean | CRA / clean |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in unlearned:
             anchor = f"{r['anchor']} ({r['anchor_strength']})" if r["anchor"] else "-"
@@ -163,7 +172,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 r["bench"], "tuning"
             )
             lines.append(
-                f"| {r['target']} | {prompts} | {r['latents_per_step']} | {multiplier} | "
+                f"| {r['target']} | `{r.get('hookpoint', '-')}` | {prompts} | "
+                f"{r['latents_per_step']} | {multiplier} | "
                 f"{anchor} | {r['UA']:.3f} | {r['IRA']:.3f} | {r['CRA']:.3f} | "
                 f"{r['IRA_vs_clean']:.2f} | {r['CRA_vs_clean']:.2f} |"
             )
@@ -268,6 +278,7 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
     values = [v for v in world.FACTOR_VALUES[factor] if v != target]
     anchors = [a for a in args.anchors or values if a in values]
     t = time.time()
+    where = {"hookpoint": setup.hookpoint}
     clean: dict = {}  # the unedited images of each prompt set, generated once
 
     def measure(seed: int, count: int, anchor: str, strengths: list[float]) -> list[dict]:
@@ -297,12 +308,12 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
         clean_images=clean,
         min_specificity=args.min_specificity,
     ):
-        emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})
+        emit("unlearn_diffusion", {**r, **where, "seconds": round(time.time() - t, 1)})
     tuned: list[dict[str, Any]] = []
     for anchor in anchors:
         for count in args.anchor_counts:
             for r in measure(TUNING_SEED, count, anchor, args.anchor_strengths):
-                emit("unlearn_diffusion", {**r, "seconds": round(time.time() - t, 1)})
+                emit("unlearn_diffusion", {**r, **where, "seconds": round(time.time() - t, 1)})
                 tuned.append(r)
     # At 48 prompts a rate moves by 0.02 a sample and the sweep's top settings tie within noise:
     # the best few are measured again on other prompts and picked by both sets together.
@@ -311,7 +322,7 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
     for r in finalists:
         anchor, count, strength = setting(r)
         (again,) = measure(VALIDATION_SEED, count, anchor, [strength])
-        emit("unlearn_validation", {**again, "seconds": round(time.time() - t, 1)})
+        emit("unlearn_validation", {**again, **where, "seconds": round(time.time() - t, 1)})
         pooled.append({**r, **{k: (r[k] + again[k]) / 2 for k in UNLEARN_TARGET}})
     best = max(pooled, key=margin)
     heldout = bench.diffusion_unlearning(
@@ -331,6 +342,7 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
             "unlearn_heldout",
             {
                 **r,
+                **where,
                 "heldout": True,
                 "meets_target": r["anchor"] is not None and margin(r) >= 0,
                 "seconds": round(time.time() - t, 1),
@@ -345,7 +357,10 @@ def main() -> None:
     parser.add_argument("--clip", default=str(models.CLIP_DIR))
     parser.add_argument("--parts", nargs="*", default=["clip", "diffusion", "unlearn", "vlm"])
     parser.add_argument(
-        "--hookpoint", default=bench.TEXT_HOOKPOINT, help="the dictionary's hookpoint (unlearning)"
+        "--unlearn_hookpoints",
+        nargs="*",
+        default=[bench.TEXT_INPUT_HOOKPOINT, bench.TEXT_HOOKPOINT],
+        help="hookpoints unlearning is measured at, a dictionary each",
     )
     parser.add_argument(
         "--steer_hookpoints",
@@ -364,7 +379,7 @@ def main() -> None:
     parser.add_argument("--multipliers", type=float, nargs="*", default=[-1.0, -1.5, -2.0, -4.0])
     parser.add_argument("--modes", nargs="*", default=["add", "replace"], help="steering modes")
     parser.add_argument(
-        "--replace_strengths", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0, 2.5]
+        "--replace_strengths", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
     )
     parser.add_argument(
         "--min_specificity",
@@ -382,7 +397,7 @@ def main() -> None:
     parser.add_argument(
         "--heldout_seed",
         type=int,
-        default=11,
+        default=13,
         help="held-out prompts and noise of the checks (unlearning: 48 and 96)",
     )
     parser.add_argument(
@@ -432,8 +447,9 @@ def main() -> None:
     if {"diffusion", "unlearn"} & set(args.parts):
         pipe = models.load_pipeline(args.pipeline)
         setups = {}
-        hookpoints = [args.hookpoint] if "diffusion" not in args.parts else args.steer_hookpoints
-        for hookpoint in dict.fromkeys([args.hookpoint, *hookpoints]):
+        steer_at = args.steer_hookpoints if "diffusion" in args.parts else []
+        unlearn_at = args.unlearn_hookpoints if "unlearn" in args.parts else []
+        for hookpoint in dict.fromkeys([*steer_at, *unlearn_at]):
             t = time.time()
             setup = setups[hookpoint] = bench.diffusion_setup(
                 pipe,
@@ -458,7 +474,7 @@ def main() -> None:
             for factor in ("color", "shape"):
                 t = time.time()
                 reference = bench.prompt_edit_reference(
-                    setups[args.hookpoint], factor, prompts_per_target=args.prompts
+                    setups[steer_at[0]], factor, prompts_per_target=args.prompts
                 )
                 emit(
                     "steer_prompt_edit",
@@ -472,13 +488,14 @@ def main() -> None:
                         "seconds": round(time.time() - t, 1),
                     },
                 )
-            for hookpoint in hookpoints:
+            for hookpoint in steer_at:
                 run_steering(setups[hookpoint], args, emit)
         if "unlearn" in args.parts:
             n = 8 if args.quick else args.tune_prompts
             for factor, target in (("shape", args.unlearn_shape), ("color", args.unlearn_color)):
                 if factor in args.unlearn_factors:
-                    run_unlearning(setups[args.hookpoint], factor, target, n, args, emit)
+                    for hookpoint in unlearn_at:
+                        run_unlearning(setups[hookpoint], factor, target, n, args, emit)
 
     if "vlm" in args.parts:
         model, processor = models.load_vlm(args.vlm)
