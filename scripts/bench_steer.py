@@ -140,8 +140,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
     if swept:  # the SAeUron rows, the three best anchored settings per concept, held-out rows
         lines += [
             f"Anchored settings tried on the tuning prompts: {len(swept)}; the three best per "
-            "concept and hookpoint (ranked by their worst margin over the three targets) are "
-            "shown.",
+            "concept and hookpoint (ranked by their worst margin over the three targets, ties by "
+            "the next) are shown.",
             "",
         ]
         shown = {
@@ -149,7 +149,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
             for group in {(r["target"], r.get("hookpoint")) for r in swept}
             for r in sorted(
                 (r for r in swept if (r["target"], r.get("hookpoint")) == group),
-                key=margin,
+                key=rank,
                 reverse=True,
             )[:3]
         }
@@ -260,6 +260,13 @@ def margin(record: dict[str, Any]) -> float:
     return min(record[k] - v for k, v in UNLEARN_TARGET.items())
 
 
+def rank(record: dict[str, Any]) -> tuple[float, ...]:
+    """Sort key of unlearning settings: the margins over the three targets, worst first, so ties
+    on the worst are broken by the next. (The worst is often IRA, capped by how often the
+    pipeline itself draws the other values, the same for every setting.)"""
+    return tuple(sorted(record[k] - v for k, v in UNLEARN_TARGET.items()))
+
+
 def setting(record: dict[str, Any]) -> tuple[str, int, float]:
     """An anchored record's (anchor, latents per concept, anchor strength)."""
     return record["anchor"], record["latents_per_step"], record["anchor_strength"]
@@ -317,14 +324,14 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
                 tuned.append(r)
     # At 48 prompts a rate moves by 0.02 a sample and the sweep's top settings tie within noise:
     # the best few are measured again on other prompts and picked by both sets together.
-    finalists = sorted(tuned, key=margin, reverse=True)[: args.validate_top]
+    finalists = sorted(tuned, key=rank, reverse=True)[: args.validate_top]
     pooled = []
     for r in finalists:
         anchor, count, strength = setting(r)
         (again,) = measure(VALIDATION_SEED, count, anchor, [strength])
         emit("unlearn_validation", {**again, **where, "seconds": round(time.time() - t, 1)})
         pooled.append({**r, **{k: (r[k] + again[k]) / 2 for k in UNLEARN_TARGET}})
-    best = max(pooled, key=margin)
+    best = max(pooled, key=rank)
     heldout = bench.diffusion_unlearning(
         setup,
         factor,
@@ -397,7 +404,7 @@ def main() -> None:
     parser.add_argument(
         "--heldout_seed",
         type=int,
-        default=13,
+        default=17,
         help="held-out prompts and noise of the checks (unlearning: 48 and 96)",
     )
     parser.add_argument(
