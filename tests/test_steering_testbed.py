@@ -61,9 +61,9 @@ def test_unlearning_a_colour(diffusion):
         diffusion, "color", "red", multipliers=(-1.0,), count=8, n_target=12, n_other=24
     )
     clean, unlearned = records
-    assert unlearned["UA"] >= max(0.75, clean["UA"] + 0.3)  # measured 1.0 (clean 0.25)
-    assert unlearned["IRA_vs_clean"] >= 0.8  # measured 1.13
-    assert unlearned["CRA_vs_clean"] >= 0.8  # measured 0.93
+    assert unlearned["UA"] >= max(0.75, clean["UA"] + 0.3)  # measured 0.92 (clean 0.08)
+    assert unlearned["IRA_vs_clean"] >= 0.8  # measured 1.0
+    assert unlearned["CRA_vs_clean"] >= 0.8  # measured 0.94
 
 
 @pytest.mark.parametrize(
@@ -80,8 +80,8 @@ def test_unlearning_with_an_anchor_keeps_the_other_factors(
     )  # fmt: skip
     clean, unlearned = records
     assert unlearned["UA"] >= max(0.75, clean["UA"] + 0.5)  # measured 1.0 for both (clean 0.08, 0)
-    assert unlearned["IRA_vs_clean"] >= 0.8  # measured 0.91 (red), 1.0 (circle)
-    assert unlearned["CRA_vs_clean"] >= 0.9  # measured 0.99, 0.99 (SAeUron at -1.5: 0.78, 0.88)
+    assert unlearned["IRA_vs_clean"] >= 0.8  # measured 1.0 (red), 1.0 (circle)
+    assert unlearned["CRA_vs_clean"] >= 0.9  # measured 0.99, 0.99
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_replacing_the_shape_word_at_the_text_towers_input(at_input):
         at_input, "shape", strengths=(2.0,), prompts_per_target=6, count=4, mode="replace"
     )
     assert _mean(records, "success", 0.0) == 0.0  # the prompts name another shape
-    assert _mean(records, "success", 2.0) >= 0.6  # measured MEASURED_S
-    assert _mean(records, "others_preserved", 2.0) >= 0.85  # measured MEASURED_K
+    assert _mean(records, "success", 2.0) >= 0.6  # measured 0.87
+    assert _mean(records, "others_preserved", 2.0) >= 0.85  # measured 0.975
 
 
 @pytest.mark.parametrize(
@@ -112,9 +112,9 @@ def test_unlearning_at_the_text_towers_input(at_input, factor, target, anchor):
         n_target=12, n_other=24,
     )  # fmt: skip
     clean, unlearned = records
-    assert unlearned["UA"] >= max(0.8, clean["UA"] + 0.6)  # measured MEASURED_UA
-    assert unlearned["IRA_vs_clean"] >= 0.9  # measured MEASURED_IRA
-    assert unlearned["CRA_vs_clean"] >= 0.9  # measured MEASURED_CRA
+    assert unlearned["UA"] >= max(0.8, clean["UA"] + 0.6)  # measured 1.0 for both (clean 0.08, 0)
+    assert unlearned["IRA_vs_clean"] >= 0.9  # measured 1.0, 1.0
+    assert unlearned["CRA_vs_clean"] >= 0.9  # measured 1.0, 1.01
 
 
 @pytest.mark.slow
