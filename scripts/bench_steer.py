@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import time
+from functools import partial
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -205,15 +206,18 @@ def run_steering(setup: Any, args: Any, emit: Emitter) -> None:
     for factor in ("color", "shape"):
         for mode in args.modes:
             t = time.time()
-            records = bench.diffusion_steering(
+            steering = partial(
+                bench.diffusion_steering,
                 setup,
                 factor,
-                strengths=args.strengths if mode == "add" else args.replace_strengths,
                 prompts_per_target=args.prompts,
                 count=args.count,
                 branch=args.branch,
                 mode=mode,
                 min_specificity=args.min_specificity,
+            )
+            records = steering(
+                strengths=args.strengths if mode == "add" else args.replace_strengths
             )
             for r in records:
                 emit("steer_diffusion", {**r, "hookpoint": setup.hookpoint})
@@ -229,17 +233,7 @@ def run_steering(setup: Any, args: Any, emit: Emitter) -> None:
                 },
             )
             if best["meets_target"]:  # again on other prompts and noise than it was found on
-                again = bench.diffusion_steering(
-                    setup,
-                    factor,
-                    strengths=[best["best_strength"]],
-                    prompts_per_target=args.prompts,
-                    count=args.count,
-                    branch=args.branch,
-                    mode=mode,
-                    seed=args.heldout_seed,
-                    min_specificity=args.min_specificity,
-                )
+                again = steering(strengths=[best["best_strength"]], seed=args.heldout_seed)
                 emit(
                     "steer_heldout",
                     {
@@ -286,34 +280,23 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
     anchors = [a for a in args.anchors or values if a in values]
     t = time.time()
     where = {"hookpoint": setup.hookpoint}
-    clean: dict = {}  # the unedited images of each prompt set, generated once
-
-    def measure(seed: int, count: int, anchor: str, strengths: list[float]) -> list[dict]:
-        return bench.diffusion_unlearning(
-            setup,
-            factor,
-            target,
-            count=count,
-            anchor=anchor,
-            anchor_strengths=strengths,
-            n_target=n,
-            n_other=2 * n,
-            seed=seed,
-            clean_images=clean,
-            min_specificity=args.min_specificity,
-        )[1:]  # (the first is the clean reference)
-
-    for r in bench.diffusion_unlearning(
+    unlearning = partial(
+        bench.diffusion_unlearning,
         setup,
         factor,
         target,
-        multipliers=args.multipliers,
-        count=args.unlearn_count,
-        n_target=n,
-        n_other=2 * n,
-        seed=TUNING_SEED,
-        clean_images=clean,
+        clean_images={},  # the unedited images of each prompt set, generated once
         min_specificity=args.min_specificity,
+    )
+    tuning_size = {"n_target": n, "n_other": 2 * n}
+
+    def measure(seed: int, count: int, anchor: str, strengths: list[float]) -> list[dict]:
+        return unlearning(
+            count=count, anchor=anchor, anchor_strengths=strengths, seed=seed, **tuning_size
+        )[1:]  # (the first is the clean reference)
+
+    for r in unlearning(
+        multipliers=args.multipliers, count=args.unlearn_count, seed=TUNING_SEED, **tuning_size
     ):
         emit("unlearn_diffusion", {**r, **where, "seconds": round(time.time() - t, 1)})
     tuned: list[dict[str, Any]] = []
@@ -332,17 +315,13 @@ def run_unlearning(setup: Any, factor: str, target: str, n: int, args: Any, emit
         emit("unlearn_validation", {**again, **where, "seconds": round(time.time() - t, 1)})
         pooled.append({**r, **{k: (r[k] + again[k]) / 2 for k in UNLEARN_TARGET}})
     best = max(pooled, key=rank)
-    heldout = bench.diffusion_unlearning(
-        setup,
-        factor,
-        target,
+    heldout = unlearning(
         count=best["latents_per_step"],
         anchor=best["anchor"],
         anchor_strengths=[best["anchor_strength"]],
         n_target=2 * (8 if args.quick else 24),
         n_other=4 * (8 if args.quick else 24),
         seed=args.heldout_seed,
-        min_specificity=args.min_specificity,
     )
     for r in heldout:
         emit(

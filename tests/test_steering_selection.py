@@ -87,10 +87,10 @@ def test_specificity_tells_a_concept_latent_from_a_shared_one():
     (entry,) = selection.entries
     assert entry.features == [3, 6]  # both score (0.4 and 0.15): the score cannot tell them apart
     assert entry.specificity == pytest.approx([1.0, 0.6154], abs=1e-4)
-    assert selection.detectors("h", min_specificity=0.95) == [3]
-    assert selection.detectors("h", min_specificity=0.5) == [3, 6]
-    old = Selection("thing", [SelectionEntry("h", [3, 6], [1, 1], [1, 1])])  # no specificity
-    assert old.detectors("h", min_specificity=0.95) == [3, 6]
+    assert entry.detectors(0.95) == [3]
+    assert entry.detectors(0.5) == [3, 6]
+    old = SelectionEntry("h", [3, 6], [1, 1], [1, 1])  # no specificity
+    assert old.detectors(0.95) == [3, 6]
 
 
 def test_latent_stats_mean_and_firing_mean():

@@ -159,17 +159,6 @@ class Selection:
             for f in e.features
         ]
 
-    def detectors(
-        self, hookpoint: str, step: int | None = None, *, min_specificity: float
-    ) -> list[int]:
-        """:meth:`SelectionEntry.detectors` of the entries at ``hookpoint`` (and ``step``)."""
-        return [
-            f
-            for e in self.entries
-            if e.hookpoint == hookpoint and (step is None or e.step in (None, step))
-            for f in e.detectors(min_specificity)
-        ]
-
     def typical_tensor(self, hookpoint: str, d_sae: int) -> Tensor | None:
         """``(d_sae,)`` typical activations of the selected latents at ``hookpoint`` (0
         elsewhere; the mean over steps where a latent is selected at several), or None."""
@@ -285,7 +274,7 @@ def merge_features(
 ) -> dict[tuple[str, int | None], list[int]]:
     """``(hookpoint, step) -> features``: the union of several selections' latents (each
     latent once, so one edited twice is not scaled twice); with ``min_specificity``, only their
-    detectors (:meth:`Selection.detectors`)."""
+    detectors (:meth:`SelectionEntry.detectors`)."""
     out: dict[tuple[str, int | None], list[int]] = {}
     for selection in selections:
         for entry in selection.entries:
