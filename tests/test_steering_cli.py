@@ -155,3 +155,15 @@ def test_steer_command_errors_are_one_line(pipeline_dir, tmp_path, capsys):
     )  # fmt: skip
     assert code == 2
     assert "give --features" in capsys.readouterr().err
+
+
+def test_unlearn_command_rejects_a_specificity_outside_0_1_before_loading(tmp_path, capsys):
+    # a missing model folder would fail later: the bad value is caught first, nothing written
+    out = tmp_path / "out"
+    code = main(
+        ["unlearn", str(tmp_path / "no-such-model"), "--saes", str(tmp_path / "none"),
+         "--selections", "red.json", "--min_specificity", "1.5", "--output_dir", str(out)]
+    )  # fmt: skip
+    assert code == 2
+    assert "--min_specificity must be in [0, 1]" in capsys.readouterr().err
+    assert not out.exists()

@@ -111,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
     from ..steering import Selection, unlearn
 
     cfg = load_config(UnlearnConfig, args.config, collect_overrides(args, UnlearnConfig))
+    if not 0 <= cfg.min_specificity <= 1:
+        raise ConfigError(
+            f"--min_specificity must be in [0, 1] (a share of a latent's activation; 0: edit "
+            f"every selected latent wherever it fires), got {cfg.min_specificity}"
+        )
     saes = load_saes(cfg.saes, cfg.hookpoint, cfg.device)
     adapter = load_model(args.model, cfg.adapter, cfg)
     selections = [Selection.load(p) for p in cfg.selections]
