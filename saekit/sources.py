@@ -103,7 +103,7 @@ class ArraySource:
 
     def _rows(self, index: Tensor) -> Tensor:
         if isinstance(self.data, Tensor):
-            return self.data.index_select(0, index)
+            return self.data.index_select(0, index.to(self.data.device))
         # numpy / memmap: sorted fancy indexing reads each page once.
         sorted_index, inverse = index.sort()
         rows = torch.from_numpy(np.ascontiguousarray(self.data[sorted_index.numpy()]))

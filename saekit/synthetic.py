@@ -36,18 +36,21 @@ def make_sparse_dataset(
     zipf_exponent: float = 0.0,
     seed: int = 0,
     features: Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> SparseDataset:
     """Rows that each combine ``k`` distinct features with magnitudes in [0.5, 1.5].
 
     ``zipf_exponent`` > 0 makes some features much more frequent than others, as in real models.
     Pass the ``features`` of another dataset to draw more rows (e.g. held-out) from the same ones.
+    ``device`` draws and builds the rows there (a GPU builds the benchmark's large sets in
+    seconds); the same seed gives other rows on another device.
     """
     if k > n_features:
         raise ValueError(f"k={k} active features per row exceeds n_features={n_features}")
-    g = torch.Generator().manual_seed(seed)
-    drawn = F.normalize(torch.randn(n_features, d, generator=g), dim=1)
-    features = drawn if features is None else features
-    weights = torch.arange(1, n_features + 1, dtype=torch.float64) ** -zipf_exponent
+    g = torch.Generator(device).manual_seed(seed)
+    drawn = F.normalize(torch.randn(n_features, d, generator=g, device=device), dim=1)
+    features = drawn if features is None else features.to(device)
+    weights = torch.arange(1, n_features + 1, dtype=torch.float64, device=device) ** -zipf_exponent
     active = torch.multinomial(weights, n_rows * k, replacement=True, generator=g).view(n_rows, k)
     while True:  # redraw repeated features within a row until every row has k distinct ones
         ordered = active.sort(dim=1).values
@@ -58,9 +61,9 @@ def make_sparse_dataset(
             weights, repeated_rows.numel() * k, replacement=True, generator=g
         )
         active[repeated_rows] = redraw.view(-1, k)
-    magnitudes = 0.5 + torch.rand(n_rows, k, generator=g)
+    magnitudes = 0.5 + torch.rand(n_rows, k, generator=g, device=device)
     x = F.embedding_bag(active, features, per_sample_weights=magnitudes, mode="sum")
-    x += noise * torch.randn(n_rows, d, generator=g)
+    x += noise * torch.randn(n_rows, d, generator=g, device=device)
     return SparseDataset(x, features, active)
 
 

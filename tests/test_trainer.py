@@ -282,7 +282,9 @@ def test_contradictory_train_configs_are_refused():
 
 
 def test_learning_rate_schedule():
-    cfg = TrainConfig(lr_warmup_steps=10, lr_decay="linear", lr_decay_start=0.5)
+    cfg = TrainConfig(
+        lr_warmup_steps=10, lr_warmup_fraction=1.0, lr_decay="linear", lr_decay_start=0.5
+    )
     assert lr_factor(0, cfg, 100) == pytest.approx(0.1)
     assert lr_factor(9, cfg, 100) == pytest.approx(1.0)
     assert lr_factor(50, cfg, 100) == pytest.approx(1.0)
@@ -291,6 +293,22 @@ def test_learning_rate_schedule():
     assert lr_factor(50, cosine, 100) == pytest.approx(0.5)
     assert lr_factor(10, TrainConfig(lr_warmup_steps=0, lr_decay="none"), None) == 1.0
     assert TrainConfig().learning_rate(2**14) == pytest.approx(2e-4)
+
+
+def test_warmup_scales_with_the_run_and_a_short_run_warns(sparse_data, caplog):
+    cfg = TrainConfig(lr_warmup_steps=1000, lr_warmup_fraction=0.01)
+    assert cfg.warmup_steps(256) == 3  # 1% of a short run
+    assert cfg.warmup_steps(10**6) == 1000  # the cap of a long one
+    assert cfg.warmup_steps(None) == 1000  # length unknown
+    assert lr_factor(2, cfg, 256) == 1.0
+    # A source of unknown length that ends before the warm-up does says so.
+    batches = [sparse_data.activations[i : i + 256] for i in range(0, 1280, 256)]
+    train = TrainConfig(
+        batch_size=256, lr_warmup_steps=200, progress=False, checkpoint_every=0, log_every=5
+    )
+    with caplog.at_level("WARNING", logger="saekit.train"):
+        Trainer([SAEConfig(k=4, d_sae=64)], train, iter(batches)).fit()
+    assert "before its 200-step learning-rate warm-up" in caplog.text
     assert TrainConfig().learning_rate(2**16) == pytest.approx(1e-4)
     assert math.isclose(TrainConfig(lr=0.01).learning_rate(10), 0.01)
 

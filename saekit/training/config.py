@@ -41,8 +41,15 @@ class TrainConfig:
     lr: float | None = None
     """Adam learning rate. None: 2e-4 / sqrt(d_sae / 2^14), the scaling of Gao et al. 2024."""
 
-    lr_warmup_steps: int = 200
-    """Linear learning-rate warm-up from 0."""
+    lr_warmup_steps: int = 1000
+    """Linear learning-rate warm-up from 0 over at most this many steps (and at most
+    ``lr_warmup_fraction`` of the run)."""
+
+    lr_warmup_fraction: float = 0.01
+    """Cap of the warm-up as a fraction of the run's steps, when the run's length is known: a
+    short run spends next to nothing warming up, a long one up to ``lr_warmup_steps``. Adam's
+    bias correction already tempers its first steps, and every step spent below the full learning
+    rate is a step that learns less."""
 
     lr_decay: Literal["none", "linear", "cosine"] = "linear"
     """Decay to 0 over the last part of training (needs a known number of steps)."""
@@ -146,6 +153,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must not be negative, got {value}")
         if self.lr is not None and not (0 < self.lr < 1):
             raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.lr_warmup_fraction <= 1:
+            raise ConfigError(
+                f"lr_warmup_fraction is a fraction of training in [0, 1], got {self.lr_warmup_fraction}"
+            )
         if not 0 <= self.lr_decay_start <= 1:
             raise ConfigError(
                 f"lr_decay_start is a fraction of training in [0, 1], got {self.lr_decay_start}"
@@ -156,6 +167,12 @@ class TrainConfig:
             raise ConfigError(f"jumprelu_bandwidth must be positive, got {self.jumprelu_bandwidth}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+
+    def warmup_steps(self, total_steps: int | None) -> int:
+        """Steps of the linear warm-up in a run of ``total_steps`` (None: length unknown)."""
+        if total_steps is None:
+            return self.lr_warmup_steps
+        return min(self.lr_warmup_steps, math.ceil(self.lr_warmup_fraction * total_steps))
 
     def learning_rate(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)

@@ -144,9 +144,11 @@ def _make_optimizer(params: list[Tensor], lr: float, cfg: TrainConfig) -> torch.
 
 
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int | None) -> float:
-    """Multiplier of the base learning rate at 0-based ``step``: linear warm-up, then an optional
-    linear or cosine decay to zero over the last ``1 - lr_decay_start`` of training."""
-    factor = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    """Multiplier of the base learning rate at 0-based ``step``: linear warm-up (scaled to the
+    run's length, :meth:`TrainConfig.warmup_steps`), then an optional linear or cosine decay to
+    zero over the last ``1 - lr_decay_start`` of training."""
+    warmup = cfg.warmup_steps(total_steps)
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
     if total_steps and cfg.lr_decay != "none":
         start = cfg.lr_decay_start * total_steps
         if step >= start and total_steps > start:
@@ -697,6 +699,15 @@ class Trainer:
                     "no usable batch was read: the activation source is empty or every batch was skipped"
                 )
             self._log(logger, time.perf_counter() - window_start)
+            warmup = self.cfg.warmup_steps(total)
+            if self.step < warmup and self.is_main:
+                log.warning(
+                    "the run ended after %d steps, before its %d-step learning-rate warm-up was "
+                    "over, so it never trained at the full learning rate: lower lr_warmup_steps "
+                    "or train on more data",
+                    self.step,
+                    warmup,
+                )
             if self.cfg.checkpoint_every and self._checkpointed_step != self.step:
                 self._save_checkpoint()  # so that a longer run can resume from the end of this one
             return self._finish()
