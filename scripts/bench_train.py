@@ -80,6 +80,7 @@ DATASETS = {
 GPU_SHAPES = {
     "768": Setting(d_in=768, n_features=24576, active=32, zipf=0.0, latents=24576, k=32),
     "4096": Setting(d_in=4096, n_features=131072, active=64, zipf=0.0, latents=131072, k=64),
+    "smoke": Setting(d_in=64, n_features=512, active=8, zipf=0.0, latents=512, k=8),  # any device
 }
 HELDOUT_ROWS = 65536
 
@@ -181,7 +182,7 @@ def cache_feed(data: Tensor, batch: int, epochs: int, directory: Path) -> Feed:
         rows_per_shard=65536,
         progress=False,
     )
-    cache_activations(CustomAdapter(Rows()), data.cpu(), cfg)
+    cache_activations(CustomAdapter(Rows().eval()), data.cpu(), cfg)
     return Feed(
         lambda: open_training_source(directory, batch_size=batch, epochs=epochs, seed=0), "cache"
     )

@@ -172,12 +172,18 @@ def test_outputs_metrics_and_index(tmp_path, sparse_data):
 
 def test_auxk_applies_once_latents_are_dead(sparse_data):
     """Latents that did not fire in step 1 count as dead in step 2 (dead_tokens=1): the AuxK term
-    then enters the loss and changes the result; with auxk_alpha=0 it never does."""
+    then enters the loss and changes the result; with auxk_alpha=0 it never does. (Random latents:
+    started on data rows, every latent fires in step 1.)"""
     data = sparse_data.activations[:512]
 
     def run(auxk_alpha):
         cfg = _train_cfg(
-            dead_tokens=1, auxk_alpha=auxk_alpha, lr_warmup_steps=0, max_steps=2, log_every=1
+            dead_tokens=1,
+            auxk_alpha=auxk_alpha,
+            lr_warmup_steps=0,
+            max_steps=2,
+            log_every=1,
+            latent_init="random",
         )
         trainer = Trainer([SAEConfig(k=1, d_sae=48)], cfg, ArraySource(data, 256, shuffle=False))
         (result,) = trainer.fit()

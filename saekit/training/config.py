@@ -93,6 +93,11 @@ class TrainConfig:
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """How the decoder bias starts: from the first batch's geometric median, its mean, or zero."""
 
+    latent_init: Literal["data", "random"] = "data"
+    """How latents start: at the directions of rows of the first batch (centred on b_dec;
+    latents beyond its rows start random), or at random unit directions. The encoder starts as
+    the decoder's transpose either way (at row norm 1/sqrt(3))."""
+
     data_seed: int = 0
     """Seed of the data order."""
 

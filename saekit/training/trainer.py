@@ -44,7 +44,7 @@ from . import checkpoint as ckpt
 from .checkpoint import flatten_optimizer_state, list_checkpoints, unflatten_optimizer_state
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .distributed import PeerLostError, ProcessGroup, flat_all_reduce_
-from .init import geometric_median, input_scale
+from .init import geometric_median, init_from_data, input_scale
 from .latent_parallel import LATENT_DIM_PARAMETERS, LatentShard
 from .logging import MetricsLogger
 
@@ -442,11 +442,19 @@ class Trainer:
         scale = input_scale(x) if self.cfg.normalize_activations else 1.0
         x = x * scale
         if self.cfg.b_dec_init == "zeros":
-            return scale
-        center = geometric_median(x) if self.cfg.b_dec_init == "geometric_median" else x.mean(0)
+            center = torch.zeros_like(x[0])
+        elif self.cfg.b_dec_init == "geometric_median":
+            center = geometric_median(x)
+        else:
+            center = x.mean(0)
         with torch.no_grad():
             for slot in self.slots:
                 slot.sae.b_dec.copy_(center.to(slot.sae.b_dec))
+        if self.cfg.latent_init == "data":
+            for slot in self.slots:
+                module = slot.sae.local if isinstance(slot.sae, LatentShard) else slot.sae
+                first = slot.sae.start if isinstance(slot.sae, LatentShard) else 0
+                init_from_data(module.W_dec, module.W_enc, x - center, slot.sae.cfg.seed, first)
         return scale
 
     def _check_batch(self, batch: Tensor, d_in: int) -> Tensor | None:
