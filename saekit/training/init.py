@@ -48,9 +48,10 @@ def init_from_data(W_dec: Tensor, W_enc: Tensor, centred: Tensor, seed: int, sta
     A token is a sparse sum of features, so one of its rows lies at cosine ~1/sqrt(L0) to each of
     its features, where a random direction lies at ~1/sqrt(d_in): latents start next to features
     instead of far from all of them, the way dictionary learning has long seeded its atoms with
-    data samples (Aharon et al. 2006, K-SVD). On the ground-truth sets of
-    scripts/bench_train.py this doubles feature recovery after one epoch (README, "Training: what
-    the defaults are made of").
+    data samples (Aharon et al. 2006, K-SVD). On both ground-truth sets of
+    scripts/bench_train.py it raised held-out explained variance after one epoch from 0.27 to 0.38
+    (set a) and from 0.54 to 0.71 (set b), and feature recovery more (README, "What the training
+    defaults are made of").
 
     Latent ``j`` takes row ``perm[j]`` of one seeded permutation, so every rank of a latent-split
     run (``start`` = its first latent) draws its slice of the same assignment. Latents beyond the
