@@ -107,15 +107,14 @@ class SparseAutoencoder(nn.Module):
         self.cfg = cfg
         m = cfg.d_sae
         # Decoder rows are random unit vectors; the encoder starts as the decoder's transpose
-        # (Gao et al. 2024, section 2.4), which makes latents roughly orthogonal detectors, scaled
-        # by ENCODER_INIT_SCALE. The trainer then replaces both with rows of the data
-        # (saekit.training.init.init_from_data).
+        # (Gao et al. 2024, section 2.4), which makes latents roughly orthogonal detectors. The
+        # trainer rescales the encoder and starts latents on data rows (TrainConfig.latent_init).
         if device is not None and torch.device(device).type == "meta":
             w = torch.empty(m, cfg.d_in, device="meta")  # shapes only: weights are loaded next
         else:
             w = initial_decoder_rows(cfg, 0, m)
         self.W_dec = nn.Parameter(w.to(device))
-        self.W_enc = nn.Parameter((w * ENCODER_INIT_SCALE).to(device))
+        self.W_enc = nn.Parameter(w.clone().to(device))
         self.b_enc = nn.Parameter(torch.zeros(m, device=device))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
 
@@ -237,14 +236,6 @@ class SparseAutoencoder(nn.Module):
         if tensors:
             raise ValueError(f"unexpected tensors for {self.architecture}: {sorted(tensors)}")
 
-
-ENCODER_INIT_SCALE = 3**-0.5
-"""Row norm of the initial encoder, against unit-norm decoder rows. Adam moves every entry by
-about the learning rate per step whatever the weight's scale, so a smaller encoder turns toward
-its feature faster; 1/sqrt(3) is the row norm of a default ``nn.Linear`` (Kaiming-uniform), where
-EleutherAI sparsify starts. From random latents on set a of scripts/bench_train.py, unit rows (Gao
-et al.'s choice) explained 0.257 of the held-out variance after 256 steps and this scale 0.268
-(README, "What the training defaults are made of")."""
 
 INIT_BLOCK_ROWS = 4096
 _INIT_SALT = 0x5AE_1417

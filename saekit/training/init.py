@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..dictionaries.base import ENCODER_INIT_SCALE
-
 _DATA_INIT_SALT = 0xDA7A_1417
 
 
@@ -40,10 +38,17 @@ def input_scale(batch: Tensor) -> float:
 
 
 @torch.no_grad()
-def init_from_data(W_dec: Tensor, W_enc: Tensor, centred: Tensor, seed: int, start: int = 0) -> int:
+def init_from_data(
+    W_dec: Tensor,
+    W_enc: Tensor,
+    centred: Tensor,
+    seed: int,
+    encoder_scale: float,
+    start: int = 0,
+) -> int:
     """Start latents ``start, start + 1, ...`` at directions of the data: each decoder row the
     unit direction of one row of ``centred`` (the first batch minus ``b_dec``), its encoder row
-    the same direction at norm ``ENCODER_INIT_SCALE``.
+    the same direction at norm ``encoder_scale``.
 
     A token is a sparse sum of features, so one of its rows lies at cosine ~1/sqrt(L0) to each of
     its features, where a random direction lies at ~1/sqrt(d_in): latents start next to features
@@ -61,6 +66,10 @@ def init_from_data(W_dec: Tensor, W_enc: Tensor, centred: Tensor, seed: int, sta
         W_dec, W_enc: (m_local, d_in) weights of latents ``start:start + m_local``, set in place.
         centred: (n, d_in) rows of the first batch minus the decoder bias.
         seed: the dictionary's seed.
+        encoder_scale: row norm of the encoder (TrainConfig.encoder_init_scale).
+        start: the first latent these weights hold (latent-split runs).
+        encoder_scale: row norm of the encoder (TrainConfig.encoder_init_scale).
+        start: the first latent these weights hold (latent-split runs).
 
     Returns:
         How many latents were set from data.
@@ -76,5 +85,5 @@ def init_from_data(W_dec: Tensor, W_enc: Tensor, centred: Tensor, seed: int, sta
     keep_random = ~usable
     directions[keep_random] = W_dec[:taken][keep_random].float()
     W_dec[:taken] = directions.to(W_dec)
-    W_enc[:taken] = (directions * ENCODER_INIT_SCALE).to(W_enc)
+    W_enc[:taken] = (directions * encoder_scale).to(W_enc)
     return int(usable.sum())

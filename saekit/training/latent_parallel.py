@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..configuration import ConfigError
 from ..dictionaries import SAEConfig, SparseAutoencoder, StepContext, TrainOutput, build_dictionary
-from ..dictionaries.base import ENCODER_INIT_SCALE, initial_decoder_rows, reconstruction_loss
+from ..dictionaries.base import initial_decoder_rows, reconstruction_loss
 from ..kernels import SparseCodes, jumprelu_encode, sparse_decode, topk_encode
 from .distributed import ProcessGroup
 
@@ -98,7 +98,7 @@ class LatentShard(nn.Module):
         rows = initial_decoder_rows(cfg, self.start, self.stop).to(device)
         with torch.no_grad():  # the same initial weights as the unsplit dictionary's slice
             self.local.W_dec.copy_(rows)
-            self.local.W_enc.copy_(rows * ENCODER_INIT_SCALE)
+            self.local.W_enc.copy_(rows)
 
     # The trainer talks to a shard as to a dictionary: same parameter names, same state_dict keys.
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:

@@ -272,6 +272,9 @@ class Trainer:
             else:
                 sae = build_dictionary(cfg, device=self.device)
                 width = cfg.d_sae
+            module = sae.local if isinstance(sae, LatentShard) else sae
+            with torch.no_grad():  # the encoder starts as the decoder's transpose, rescaled
+                module.W_enc.mul_(self.cfg.encoder_init_scale)
             lr = self.cfg.learning_rate(cfg.d_sae)
             optimizer = _make_optimizer(list(sae.parameters()), lr, self.cfg)
             counter = torch.zeros(width, dtype=torch.long, device=self.device)
@@ -454,7 +457,14 @@ class Trainer:
             for slot in self.slots:
                 module = slot.sae.local if isinstance(slot.sae, LatentShard) else slot.sae
                 first = slot.sae.start if isinstance(slot.sae, LatentShard) else 0
-                init_from_data(module.W_dec, module.W_enc, x - center, slot.sae.cfg.seed, first)
+                init_from_data(
+                    module.W_dec,
+                    module.W_enc,
+                    x - center,
+                    slot.sae.cfg.seed,
+                    self.cfg.encoder_init_scale,
+                    first,
+                )
         return scale
 
     def _check_batch(self, batch: Tensor, d_in: int) -> Tensor | None:
