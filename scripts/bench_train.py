@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -210,6 +211,7 @@ def run_saekit(feed: Feed, setting: Setting, args, device: torch.device, steps: 
             progress=False,
             device=str(device),
             dead_tokens=args.dead_tokens or TrainConfig.dead_tokens,
+            **args.train_options,
         )
         cfg = SAEConfig(architecture="topk", k=setting.k, d_sae=setting.latents)
         return Trainer([cfg], train, feed.source())
@@ -424,6 +426,10 @@ def bench(name: str, setting: Setting, feed: Feed, heldout, features, args, devi
             "device": machine(device),
             "date": date.today().isoformat(),
         }
+        if library == "saekit":
+            base["dead_tokens"] = args.dead_tokens or TrainConfig.dead_tokens
+            if args.train_options:
+                base["train_options"] = args.train_options
         try:
             tokens, done, elapsed, warmup, reconstruct, decoder, active = LIBRARIES[library](
                 feed, setting, args, device, steps
@@ -465,7 +471,15 @@ def main() -> None:
         "--compare", action="store_true", help="run eai-sparsify and SAELens too (if installed)"
     )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a TrainConfig default for saekit (ablations), e.g. latent_init=random",
+    )
     args = parser.parse_args()
+    args.train_options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.train)}
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
