@@ -722,8 +722,9 @@ class Trainer:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            flag = loss_bad.float()
-            flat_all_reduce_([*(p.grad for p in params if p.grad is not None), flag], self.group)
+            grads = [p.grad for p in params if p.grad is not None]
+            flag = loss_bad.to(grads[0].dtype)  # the gradients' dtype: one flat buffer
+            flat_all_reduce_([*grads, flag], self.group)
             loss_bad = flag > 0
         if sae.normalize_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
