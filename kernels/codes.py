@@ -59,10 +59,27 @@ class SparseCodes(NamedTuple):
         positive = (self.values > 0).to(torch.int64)
         if self.k is not None:
             return positive.view(self.n_rows, self.k).sum(1)
-        summed = torch.zeros(self.n_rows, dtype=torch.int64, device=self.values.device)
-        return summed.index_add_(0, self.rows(), positive)
+        # Cumulative counts read at the row ends: no per-entry row ids, no host synchronisation.
+        ends = positive.new_zeros(positive.numel() + 1)
+        torch.cumsum(positive, 0, out=ends[1:])
+        return ends[self.offsets[1:]] - ends[self.offsets[:-1]]
+
+    def active_count(self) -> Tensor:
+        """0-d int64: strictly positive activations in all rows (the batch's total L0)."""
+        return torch.count_nonzero(self.values > 0)  # sum() would widen the mask to int64 first
 
     def firing_counts(self) -> Tensor:
-        """(d_sae,) how many rows each latent fired (was strictly positive) on."""
-        fired = self.indices[self.values > 0]
-        return torch.bincount(fired, minlength=self.d_sae)
+        """(d_sae,) how many rows each latent fired (was strictly positive) on.
+
+        A scatter-add rather than ``bincount`` of the positive entries' latents: selecting them
+        and ``bincount`` both read a size back to the host on a GPU, which stalls the step.
+        """
+        counts = torch.zeros(self.d_sae, dtype=torch.int64, device=self.values.device)
+        for start in range(0, self.values.numel(), _CHUNK):
+            here = slice(start, start + _CHUNK)
+            counts.index_add_(0, self.indices[here], (self.values[here] > 0).to(torch.int64))
+        return counts
+
+
+_CHUNK = 1 << 22
+"""Entries per pass of :meth:`SparseCodes.firing_counts` (its temporaries stay at tens of MB)."""

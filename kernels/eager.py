@@ -13,6 +13,13 @@ Why these shapes of computation (N tokens, d inputs, m latents, k active per tok
 * Only the k selected latents of a token carry gradient, so the encoder's backward and the
   decoder's forward and backward are sparse: ``O(N k d)`` gathers and scatter-adds, not dense
   products (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", section 4 / appendix D).
+* No function here holds an ``nnz x d`` tensor (one gathered row per entry): with a variable
+  count per row (JumpReLU, BatchTopK) the gathers and scatter-adds walk the entries in chunks of
+  bounded size, so a step's extra memory stays at tens of MB whatever nnz is (a JumpReLU
+  dictionary at initialisation tracks about half its latents: 33M entries for 4096 rows of a
+  16384-latent dictionary, which one gather of d = 768 floats per entry would turn into 98 GiB).
+  The chunks find the rows of their entries with ``searchsorted`` on the row offsets, so no
+  chunk boundary is read back to the host.
 """
 
 from __future__ import annotations
@@ -111,8 +118,9 @@ def encode_batch_topk(
 
     Returns:
         values (nnz,), indices (nnz,) int64, offsets (N + 1,): CSR codes sorted by row, with
-        ``nnz <= k * N`` strictly positive values; then the per-row AuxK selection over
-        ``dead_latents`` as in :func:`encode_topk` (aux_values, aux_indices, each (N, k_aux')).
+        ``nnz = min(k * N, N * m)`` non-negative values (zeros only when the batch has fewer
+        positive pre-activations); then the per-row AuxK selection over ``dead_latents`` as in
+        :func:`encode_topk` (aux_values, aux_indices, each (N, k_aux')).
     """
     return batch_topk_from_rows(
         encode_topk, x_c, W_enc, b_enc, k, dead_latents, k_aux, candidates_per_row
@@ -141,13 +149,17 @@ def batch_topk_from_rows(
     )  # (N, c) candidates each
     while True:
         flat = cand_values.reshape(-1)
-        threshold = flat.topk(budget, sorted=False).values.min() if budget < flat.numel() else None
-        if threshold is None or c >= m:
+        if budget >= flat.numel():
+            keep = torch.arange(flat.numel(), device=flat.device)
+            break
+        keep = flat.topk(budget, sorted=False).indices
+        if c >= m:
             break
         # A row is complete when its weakest candidate is below the threshold (or zero).
+        threshold = flat[keep].min()
         weakest = cand_values.min(dim=1).values
         incomplete = (weakest >= threshold) & (weakest > 0)
-        if not bool(incomplete.any()):
+        if not bool(incomplete.any()):  # the step's one read back: did the candidates suffice?
             break
         c = min(m, 2 * c)
         rows = incomplete.nonzero().squeeze(1)
@@ -158,19 +170,15 @@ def batch_topk_from_rows(
         cand_values[rows] = more_values.to(cand_values.dtype)
         cand_indices[rows] = more_indices
 
-    flat = cand_values.reshape(-1)
-    if budget < flat.numel():
-        keep_pos = flat.topk(budget, sorted=False).indices
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[keep_pos] = True
-        keep &= flat > 0
-    else:
-        keep = flat > 0
-    keep = keep.view_as(cand_values)
-    counts = keep.sum(1)
-    offsets = torch.zeros(n + 1, dtype=torch.long, device=x_c.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return cand_values[keep], cand_indices[keep], offsets, aux_values, aux_indices
+    # Exactly `budget` entries in row-major order (so sorted by row), found without a boolean
+    # mask, whose size a GPU would have to read back; a batch with fewer positive candidates
+    # than that keeps the rest as explicit zeros, which carry no gradient.
+    keep = keep.sort().values
+    width = cand_values.shape[1]
+    offsets = torch.searchsorted(keep, torch.arange(n + 1, device=keep.device) * width)
+    values = cand_values.reshape(-1)[keep]
+    indices = cand_indices.reshape(-1)[keep]
+    return values, indices, offsets, aux_values, aux_indices
 
 
 def encode_jumprelu(
@@ -195,46 +203,155 @@ def encode_jumprelu(
     m = W_enc.shape[0]
     step = chunk_rows(m, x_c.dtype)
     buffer = x_c.new_empty(min(n, step), m)
-    pres, cols, counts = [], [], []
+    pres: list[Tensor] = []
+    cols: list[Tensor] = []
+    offsets = torch.zeros(n + 1, dtype=torch.long, device=x_c.device)
     for start, stop in _row_chunks(n, step):
         pre = buffer[: stop - start]
         torch.addmm(b_enc, x_c[start:stop], W_enc.t(), out=pre)
         tracked = pre > threshold
         if bandwidth is not None:
             tracked |= (pre - threshold).abs_() < bandwidth / 2
-        rows_here, cols_here = tracked.nonzero(as_tuple=True)
-        pres.append(pre[rows_here, cols_here])
-        cols.append(cols_here)
-        counts.append(tracked.sum(1))
-    offsets = torch.zeros(n + 1, dtype=torch.long, device=x_c.device)
-    torch.cumsum(torch.cat(counts), 0, out=offsets[1:])
-    return torch.cat(pres), torch.cat(cols), offsets
-
-
-def _scatter_rows(
-    target_rows: Tensor, source_rows: Tensor, weights: Tensor, source: Tensor, n_target: int
-) -> Tensor:
-    """``out[target_rows[e]] += weights[e] * source[source_rows[e]]`` for every entry e.
-
-    A sparse ``(n_target x N) @ (N x d)`` product: the weight gradients of the encoder and the
-    decoder touch only the rows of the latents that fired.
-    """
-    compute_dtype = source.dtype
-    if source.device.type == "cpu" and source.dtype in (torch.float16, torch.bfloat16):
-        compute_dtype = torch.float32  # CPU sparse kernels are fp32/fp64 only
-    coo = torch.sparse_coo_tensor(
-        torch.stack([target_rows, source_rows]),
-        weights.to(compute_dtype),
-        (n_target, source.shape[0]),
-        check_invariants=False,  # entries are unique (row, latent) pairs by construction
+        flat = tracked.view(-1).nonzero().squeeze(1)  # row-major: sorted by row, then latent
+        pres.append(pre.view(-1).index_select(0, flat))
+        cols.append((flat % m).to(torch.int32))  # half the bytes while the chunks wait
+        # Row r of the chunk ends at its first entry at a flat position of (r + 1) m or more.
+        ends = torch.arange(1, stop - start + 1, device=x_c.device) * m
+        offsets[start + 1 : stop + 1] = torch.searchsorted(flat, ends) + offsets[start]
+    # Concatenated by hand, releasing each piece once copied: torch.cat would hold every piece
+    # and the result at once (at initialisation the tracked entries are half of N x m).
+    device = x_c.device
+    return (
+        _concat_releasing(pres, x_c.dtype, device),
+        _concat_releasing(cols, torch.long, device),
+        offsets,
     )
-    return torch.sparse.mm(coo, source.to(compute_dtype)).to(source.dtype)
 
 
-def _rows_of(offsets: Tensor, nnz: int) -> Tensor:
-    counts = offsets.diff()
-    return torch.repeat_interleave(
-        torch.arange(counts.numel(), device=offsets.device), counts, output_size=nnz
+def _concat_releasing(parts: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.cat(parts).to(dtype)``, emptying ``parts`` as it goes."""
+    out = torch.empty(sum(p.numel() for p in parts), dtype=dtype, device=device)
+    start = 0
+    parts.reverse()
+    while parts:
+        part = parts.pop()
+        out[start : start + part.numel()] = part
+        start += part.numel()
+    return out
+
+
+ENTRY_CHUNK_BYTES = 16 << 20
+"""Gathered rows (entries x d) held at once by the gathers over a variable count of entries per
+row; also bounds every other per-entry temporary below."""
+
+SCATTER_CHUNK_ENTRIES = 1 << 18
+"""Entries per sparse product of :func:`_accumulate` (its COO indices and the sort inside cost
+a few tens of bytes per entry: about 10 MB)."""
+
+
+def _spans(total: int, step: int):
+    for start in range(0, total, step):
+        yield start, min(total, start + step)
+
+
+def _entry_rows(offsets: Tensor, k: int | None, start: int, stop: int) -> Tensor:
+    """The rows of entries ``start:stop`` of CSR codes: (stop - start,) int64."""
+    entries = torch.arange(start, stop, device=offsets.device)
+    if k is not None:
+        return entries // k
+    # Row r owns offsets[r] <= e < offsets[r + 1]: the last offset <= e (empty rows repeat it).
+    return torch.searchsorted(offsets, entries, right=True) - 1
+
+
+def _accumulate(
+    out: Tensor,
+    targets: Callable[[int, int], Tensor],
+    sources: Callable[[int, int], Tensor],
+    weights: Tensor,
+    source: Tensor,
+) -> Tensor:
+    """``out[targets[e]] += weights[e] * source[sources[e]]`` for every entry e, in place.
+
+    A sparse ``(n_out x n_source) @ (n_source x d)`` product in chunks of entries, each
+    accumulated into ``out`` by the sparse-dense ``addmm_`` (faster on CPU than ``sparse.mm``,
+    which returns a fresh dense result). ``targets(start, stop)`` and ``sources(start, stop)``
+    give the two indices of entries ``start:stop``; entries are unique (target, source) pairs by
+    construction.
+    """
+    compute = out
+    if source.device.type == "cpu" and source.dtype in (torch.float16, torch.bfloat16):
+        compute = out.float()  # CPU sparse kernels are fp32/fp64 only
+        source = source.float()
+    for start, stop in _spans(weights.numel(), SCATTER_CHUNK_ENTRIES):
+        coo = torch.sparse_coo_tensor(
+            torch.stack([targets(start, stop), sources(start, stop)]),
+            weights[start:stop].to(compute.dtype),
+            (out.shape[0], source.shape[0]),
+            check_invariants=False,
+        )
+        compute.addmm_(coo, source)
+    if compute is not out:
+        out.copy_(compute)
+    return out
+
+
+DENSE_DENSITY = 1 / 32
+"""Past this fraction of (row, latent) pairs present, codes with a variable count per row go
+through dense products over blocks of rows on a CPU instead of gathers. There a gathered entry
+costs tens of times a dense product's element (a row of d floats fetched from anywhere in the
+weights against d multiply-adds on cached operands): a JumpReLU step at initialisation, with
+half of the latents tracked (d = 768, m = 16384, N = 4096), took 570 s on gathers and takes
+seconds on products. The blocks' bounds are read on the host, which costs nothing on a CPU; on
+a CUDA device (the eager path runs there only with Triton disabled) the gathers, which need no
+host read, stay. TopK codes (a fixed count) always take the gathers."""
+
+
+def _dense(nnz: int, offsets: Tensor, k: int | None, m: int) -> bool:
+    n = offsets.numel() - 1
+    return k is None and offsets.device.type == "cpu" and nnz > DENSE_DENSITY * n * m
+
+
+def _dense_blocks(offsets: Tensor, indices: Tensor, m: int, dtype: torch.dtype):
+    """``(r0, r1, e0, e1, local_rows, latents)`` for blocks of rows of about ``CHUNK_BYTES`` of
+    dense ``(rows, m)``: the block's rows, its entries' span, and their (row in the block,
+    latent) positions. The blocks' bounds are read on the host, once per call (CPU only)."""
+    n = offsets.numel() - 1
+    step = chunk_rows(m, dtype)
+    spans = list(_row_chunks(n, step))
+    bounds = torch.cat([offsets[:-1:step], offsets[-1:]]).tolist()
+    for i, (r0, r1) in enumerate(spans):
+        e0, e1 = bounds[i], bounds[i + 1]
+        local = torch.repeat_interleave(
+            torch.arange(r1 - r0, device=offsets.device),
+            offsets[r0 : r1 + 1].diff(),
+            output_size=e1 - e0,
+        )
+        yield r0, r1, e0, e1, local, indices[e0:e1]
+
+
+def _fill(block: Tensor, local: Tensor, latents: Tensor, weights: Tensor) -> Tensor:
+    """``block`` (rows, m) holding ``weights`` at (local, latents) and zeros elsewhere."""
+    block.zero_()
+    return block.index_put_((local, latents), weights.to(block.dtype), accumulate=True)
+
+
+def _scatter_to_latents(
+    indices: Tensor,
+    offsets: Tensor,
+    k: int | None,
+    weights: Tensor,
+    source: Tensor,
+    n_latents: int,
+) -> Tensor:
+    """(n_latents, d) ``G[indices[e]] += weights[e] * source[row(e)]``: a weight gradient, which
+    touches only the rows of the latents that appear in ``indices``."""
+    out = source.new_zeros(n_latents, source.shape[1])
+    return _accumulate(
+        out,
+        lambda start, stop: indices[start:stop],
+        lambda start, stop: _entry_rows(offsets, k, start, stop),
+        weights,
+        source,
     )
 
 
@@ -242,16 +359,29 @@ def _weighted_row_sum(
     indices: Tensor, offsets: Tensor, k: int | None, weights: Tensor, table: Tensor
 ) -> Tensor:
     """``out[n] = sum_e weights[e] * table[indices[e]]`` over the entries of row n: (N, d)."""
+    n = offsets.numel() - 1
     if k is not None:
-        n = offsets.numel() - 1
         return F.embedding_bag(
             indices.view(n, k),
             table,
             per_sample_weights=weights.view(n, k).to(table.dtype),
             mode="sum",
         )
-    return F.embedding_bag(
-        indices, table, offsets[:-1], per_sample_weights=weights.to(table.dtype), mode="sum"
+    m = table.shape[0]
+    if _dense(weights.numel(), offsets, k, m):
+        out = table.new_empty(n, table.shape[1])
+        block = table.new_empty(min(n, chunk_rows(m, table.dtype)), m)
+        for r0, r1, e0, e1, local, latents in _dense_blocks(offsets, indices, m, table.dtype):
+            here = _fill(block[: r1 - r0], local, latents, weights[e0:e1])
+            torch.mm(here, table, out=out[r0:r1])
+        return out
+    out = table.new_zeros(n, table.shape[1])
+    return _accumulate(
+        out,
+        lambda start, stop: _entry_rows(offsets, None, start, stop),
+        lambda start, stop: indices[start:stop],
+        weights,
+        table,
     )
 
 
@@ -298,6 +428,26 @@ def _gathered_dots(vectors: Tensor, indices: Tensor, table: Tensor) -> Tensor:
     return out
 
 
+def _entry_dots(vectors: Tensor, indices: Tensor, offsets: Tensor, table: Tensor) -> Tensor:
+    """(nnz,) ``<vectors[row(e)], table[indices[e]]>`` for a variable count of entries per row,
+    gathering both rows of an entry into reused buffers, a chunk of entries at a time."""
+    nnz = indices.numel()
+    d = table.shape[1]
+    step = max(1, ENTRY_CHUNK_BYTES // (2 * d * max(table.element_size(), vectors.element_size())))
+    out = vectors.new_empty(nnz)
+    latent_rows = table.new_empty(min(nnz, step), d)
+    token_rows = vectors.new_empty(min(nnz, step), d)
+    for start, stop in _spans(nnz, step):
+        here = stop - start
+        torch.index_select(table, 0, indices[start:stop], out=latent_rows[:here])
+        rows = _entry_rows(offsets, None, start, stop)
+        torch.index_select(vectors, 0, rows, out=token_rows[:here])
+        torch.linalg.vecdot(
+            latent_rows[:here].to(vectors.dtype), token_rows[:here], out=out[start:stop]
+        )
+    return out
+
+
 def sparse_decode_backward(
     grad_out: Tensor,
     values: Tensor,
@@ -313,13 +463,27 @@ def sparse_decode_backward(
         grad_W_dec (m, d), nonzero only on the rows of latents that appear in ``indices``.
     """
     n = offsets.numel() - 1
+    m = W_dec.shape[0]
+    if _dense(values.numel(), offsets, k, m):
+        # Per block of rows: the dense gradient of the activations, read at the entries, and the
+        # decoder's gradient as one product of the block's dense codes with grad_out.
+        W = W_dec.to(grad_out.dtype)
+        grad_values = grad_out.new_empty(values.numel())
+        grad_W_dec = grad_out.new_zeros(m, grad_out.shape[1])
+        step = chunk_rows(m, grad_out.dtype)
+        block = grad_out.new_empty(min(n, step), m)
+        dots = grad_out.new_empty(min(n, step), m)
+        for r0, r1, e0, e1, local, latents in _dense_blocks(offsets, indices, m, grad_out.dtype):
+            codes = _fill(block[: r1 - r0], local, latents, values[e0:e1])
+            grad_W_dec.addmm_(codes.t(), grad_out[r0:r1])
+            here = torch.mm(grad_out[r0:r1], W.t(), out=dots[: r1 - r0])
+            grad_values[e0:e1] = here[local, latents]
+        return grad_values, grad_W_dec
     if k is not None:
         grad_values = _gathered_dots(grad_out, indices.view(n, k), W_dec).view(-1)
-        rows = torch.arange(n, device=offsets.device).repeat_interleave(k)
     else:
-        rows = _rows_of(offsets, values.numel())
-        grad_values = (W_dec[indices] * grad_out[rows]).sum(-1)
-    grad_W_dec = _scatter_rows(indices, rows, values, grad_out, W_dec.shape[0])
+        grad_values = _entry_dots(grad_out, indices, offsets, W_dec)
+    grad_W_dec = _scatter_to_latents(indices, offsets, k, values, grad_out, W_dec.shape[0])
     return grad_values, grad_W_dec
 
 
@@ -345,15 +509,21 @@ def sparse_encode_backward(
         grad_x_c (N, d) or None, grad_W_enc (m, d), grad_b_enc (m,).
     """
     m = W_enc.shape[0]
-    rows = (
-        torch.arange(offsets.numel() - 1, device=offsets.device).repeat_interleave(k)
-        if k is not None
-        else _rows_of(offsets, grad_pre.numel())
-    )
-    grad_W_enc = _scatter_rows(indices, rows, grad_pre, x_c, m)
+    n = offsets.numel() - 1
     accumulate = torch.promote_types(grad_pre.dtype, torch.float32)
     grad_b_enc = torch.zeros(m, dtype=accumulate, device=grad_pre.device)
     grad_b_enc = grad_b_enc.index_add_(0, indices, grad_pre.to(accumulate)).to(W_enc.dtype)
+    if _dense(grad_pre.numel(), offsets, k, m):
+        grad_W_enc = x_c.new_zeros(m, x_c.shape[1])
+        grad_x_c = W_enc.new_empty(n, W_enc.shape[1]) if need_input_grad else None
+        block = x_c.new_empty(min(n, chunk_rows(m, x_c.dtype)), m)
+        for r0, r1, e0, e1, local, latents in _dense_blocks(offsets, indices, m, x_c.dtype):
+            grads = _fill(block[: r1 - r0], local, latents, grad_pre[e0:e1])
+            grad_W_enc.addmm_(grads.t(), x_c[r0:r1])
+            if grad_x_c is not None:
+                torch.mm(grads.to(W_enc.dtype), W_enc, out=grad_x_c[r0:r1])
+        return grad_x_c, grad_W_enc, grad_b_enc
+    grad_W_enc = _scatter_to_latents(indices, offsets, k, grad_pre, x_c, m)
     grad_x_c = _weighted_row_sum(indices, offsets, k, grad_pre, W_enc) if need_input_grad else None
     return grad_x_c, grad_W_enc, grad_b_enc
 
@@ -386,14 +556,20 @@ def jumprelu_backward(
     Returns:
         grad_pre (nnz,), and grad_threshold (m,) when asked for (else None).
     """
-    theta = threshold[indices]
-    active = pre > theta
-    grad_pre = torch.where(active, grad_values, 0)
-    if not need_threshold_grad:
-        return grad_pre, None
-    if bandwidth is None:
+    nnz = pre.numel()
+    grad_pre = torch.empty_like(grad_values)
+    grad_threshold = torch.zeros_like(threshold) if need_threshold_grad else None
+    if need_threshold_grad and bandwidth is None:
         raise RuntimeError("JumpReLU threshold gradient needs a bandwidth (training mode)")
-    kernel = ((pre - theta).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
-    per_entry = -kernel * (grad_values * theta + grad_l0)
-    grad_threshold = torch.zeros_like(threshold).index_add_(0, indices, per_entry)
+    step = max(1, ENTRY_CHUNK_BYTES // 16)  # a few per-entry temporaries per chunk
+    for start, stop in _spans(nnz, step):
+        here = slice(start, stop)
+        theta = threshold[indices[here]]
+        active = pre[here] > theta
+        grad_pre[here] = torch.where(active, grad_values[here], 0)
+        if grad_threshold is None or bandwidth is None:
+            continue
+        kernel = ((pre[here] - theta).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+        per_entry = -kernel * (grad_values[here] * theta + grad_l0)
+        grad_threshold.index_add_(0, indices[here], per_entry.to(threshold.dtype))
     return grad_pre, grad_threshold

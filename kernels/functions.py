@@ -52,6 +52,14 @@ def cached_copy(t: Tensor, dtype: torch.dtype) -> Tensor:
     return low
 
 
+def _grad(grad: Tensor | None, output: Tensor) -> Tensor:
+    """An output's incoming gradient, zeros when autograd has none for it. Every Function here
+    turns off autograd's own materialisation of missing gradients: it would also fill zeros for
+    the non-differentiable outputs, an int64 tensor per entry (274 MB for the 34M entries of a
+    JumpReLU step at initialisation)."""
+    return torch.zeros_like(output) if grad is None else grad
+
+
 def _like(t: Tensor | None, reference: Tensor) -> Tensor | None:
     """``t`` in ``reference``'s dtype (the Triton backend returns float32 throughout)."""
     return None if t is None else t.to(reference.dtype)
@@ -77,6 +85,7 @@ class _TopKEncode(torch.autograd.Function):
         ctx.save_for_backward(x_op, W_op, values, indices, aux_values, aux_indices)
         ctx.dtypes = (x_c.dtype, W_enc.dtype, b_enc.dtype)
         ctx.mark_non_differentiable(indices, aux_indices)
+        ctx.set_materialize_grads(False)
         return values, indices, aux_values, aux_indices
 
     @staticmethod
@@ -84,10 +93,10 @@ class _TopKEncode(torch.autograd.Function):
         x_c, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         # ReLU gate: values are post-ReLU, so an entry carries gradient iff it is positive.
-        grad_pre = torch.where(values > 0, grad_values, 0)
+        grad_pre = torch.where(values > 0, _grad(grad_values, values), 0)
         idx = indices
         if aux_indices.shape[1] > 0:
-            grad_aux_pre = torch.where(aux_values > 0, grad_aux, 0)
+            grad_aux_pre = torch.where(aux_values > 0, _grad(grad_aux, aux_values), 0)
             grad_pre = torch.cat([grad_pre, grad_aux_pre], dim=1)
             idx = torch.cat([indices, aux_indices], dim=1)
         n, width = idx.shape
@@ -150,25 +159,27 @@ class _BatchTopKEncode(torch.autograd.Function):
             x_op, W_op, b_enc, k, dead_latents, k_aux
         )
         values, aux_values = values.to(x_c.dtype), aux_values.to(x_c.dtype)
-        ctx.save_for_backward(x_op, W_op, indices, offsets, aux_values, aux_indices)
+        ctx.save_for_backward(x_op, W_op, values, indices, offsets, aux_values, aux_indices)
         ctx.dtypes = (x_c.dtype, W_enc.dtype, b_enc.dtype)
         ctx.mark_non_differentiable(indices, offsets, aux_indices)
+        ctx.set_materialize_grads(False)
         return values, indices, offsets, aux_values, aux_indices
 
     @staticmethod
     def backward(ctx: Any, grad_values: Tensor, _gi: Any, _go: Any, grad_aux: Tensor, _ga: Any):
-        x_c, W_enc, indices, offsets, aux_values, aux_indices = ctx.saved_tensors
+        x_c, W_enc, values, indices, offsets, aux_values, aux_indices = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         backend = backend_for(x_c)
         need_x = ctx.needs_input_grad[0]
-        # Every kept value is strictly positive, so the ReLU gate is open on all of them.
+        # ReLU gate: a kept value of zero (a batch short of positive candidates) has none.
+        grad_pre = torch.where(values > 0, _grad(grad_values, values), 0)
         grad_x, grad_W, grad_b = backend.sparse_encode_backward(
-            grad_values, indices, offsets, None, x_c, W_enc, need_x
+            grad_pre, indices, offsets, None, x_c, W_enc, need_x
         )
         if aux_indices.shape[1] > 0:
             n, width = aux_indices.shape
             aux_offsets = torch.arange(0, n * width + 1, width, device=x_c.device)
-            grad_aux_pre = torch.where(aux_values > 0, grad_aux, 0).reshape(-1)
+            grad_aux_pre = torch.where(aux_values > 0, _grad(grad_aux, aux_values), 0).reshape(-1)
             gx, gw, gb = backend.sparse_encode_backward(
                 grad_aux_pre, aux_indices.reshape(-1), aux_offsets, width, x_c, W_enc, need_x
             )
@@ -203,6 +214,24 @@ def batch_topk_encode(
     return codes, aux
 
 
+JUMPRELU_CHUNK = 1 << 22
+"""Entries per pass of :func:`_jumprelu_values`: its temporaries (a gathered threshold, a mask)
+stay at tens of MB however many entries a step tracks (33M at a JumpReLU's initialisation)."""
+
+
+def _jumprelu_values(pre: Tensor, indices: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """``pre * H(pre - threshold[indices])`` and the number of active entries (a 0-d tensor in
+    ``pre``'s dtype), a chunk of entries at a time."""
+    values = torch.empty_like(pre)
+    l0 = pre.new_zeros((), dtype=torch.long)
+    for start in range(0, pre.numel(), JUMPRELU_CHUNK):
+        here = slice(start, start + JUMPRELU_CHUNK)
+        active = pre[here] > threshold[indices[here]]
+        values[here] = torch.where(active, pre[here], 0)
+        l0 += torch.count_nonzero(active)
+    return values, l0.to(pre.dtype)
+
+
 class _JumpReLUEncode(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -219,13 +248,12 @@ class _JumpReLUEncode(torch.autograd.Function):
             x_op, W_op, b_enc, threshold, bandwidth
         )
         pre = pre.to(x_c.dtype)
-        active = pre > threshold[indices]
-        values = torch.where(active, pre, 0)
-        l0 = active.sum().to(pre.dtype)
+        values, l0 = _jumprelu_values(pre, indices, threshold)
         ctx.save_for_backward(x_op, W_op, threshold, pre, indices, offsets)
         ctx.bandwidth = bandwidth
         ctx.dtypes = (x_c.dtype, W_enc.dtype, b_enc.dtype)
         ctx.mark_non_differentiable(indices, offsets)
+        ctx.set_materialize_grads(False)
         return values, indices, offsets, l0
 
     @staticmethod
@@ -234,7 +262,13 @@ class _JumpReLUEncode(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         backend = backend_for(x_c)
         grad_pre, grad_threshold = backend.jumprelu_backward(
-            grad_values, grad_l0, pre, indices, threshold, ctx.bandwidth, ctx.needs_input_grad[3]
+            _grad(grad_values, pre),
+            grad_l0 if grad_l0 is not None else pre.new_zeros(()),
+            pre,
+            indices,
+            threshold,
+            ctx.bandwidth,
+            ctx.needs_input_grad[3],
         )
         grad_x, grad_W, grad_b = backend.sparse_encode_backward(
             grad_pre, indices, offsets, None, x_c, W_enc, ctx.needs_input_grad[0]

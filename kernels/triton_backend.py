@@ -14,13 +14,13 @@ Where a step's time goes, phase by phase, is worked out in :mod:`saekit.kernels.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from . import eager
+from . import dispatch, eager
+from .triton_common import next_power_of_2
 from .triton_encode import MAX_FUSED_K, jumprelu_fused, topk_fused
 from .triton_sparse import gather_dots, gather_rows, jumprelu_backward, scatter_rows
 
@@ -35,39 +35,17 @@ __all__ = [
     "sparse_encode_backward",
 ]
 
-ENCODER_ENV = "SAEKIT_ENCODER"
-"""``auto`` (default), ``fused`` (the fused kernels wherever they apply) or ``plain`` (a dense
-product and ``torch.topk`` / a threshold compare)."""
-
-FUSED_AUTO_MAX_K = 128
-"""Under ``auto``, the fused TopK runs for k up to this (its running top-k lives in registers)."""
-
 PLAIN_CHUNK_BYTES = 1 << 30
 """Pre-activations the plain path holds at once: big enough for full-speed products."""
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-
-def encoder_path(kind: Literal["topk", "jumprelu"], k: int, dtype: torch.dtype) -> str:
-    """``"fused"`` or ``"plain"`` for an encoder of ``kind`` selecting ``k`` per row (TopK) with
-    operands of ``dtype``.
-
-    ``auto`` fuses half-precision products: float32 ``tl.dot`` runs far below cuBLAS's float32
-    product, so float32 takes the plain path. The TopK crossover in k is a first guess until
-    ``scripts/bench_kernels.py`` has measured both paths on the GPU.
-    """
-    choice = os.environ.get(ENCODER_ENV, "auto").strip().lower()
-    if choice not in ("auto", "fused", "plain"):
-        raise ValueError(f"{ENCODER_ENV}={choice!r}: use auto, fused or plain")
-    k_pad = 1 << max(0, k - 1).bit_length()
-    fits = kind == "jumprelu" or k_pad <= MAX_FUSED_K
-    if choice == "plain" or not fits:
+def encoder_path(kind: Literal["topk", "jumprelu"], k: int, W: Tensor) -> str:
+    """``"fused"`` or ``"plain"`` for an encoder of ``kind`` selecting ``k`` per row (TopK) over
+    the weight rows ``W`` (m, d): :func:`saekit.kernels.dispatch.encoder_path`, and plain
+    whenever the fused TopK cannot hold k (its running top-k lives in registers)."""
+    if kind == "topk" and next_power_of_2(k) > MAX_FUSED_K:
         return "plain"
-    if choice == "fused":
-        return "fused"
-    if dtype not in _LOW_PRECISION:
-        return "plain"
-    return "fused" if kind == "jumprelu" or k_pad <= FUSED_AUTO_MAX_K else "plain"
+    return dispatch.encoder_path(kind, W.shape[1], W.dtype)
 
 
 # ------------------------------------------------------------------------------- encoders
@@ -88,7 +66,7 @@ def _topk(
     x: Tensor, W: Tensor, b: Tensor, k: int, index_map: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(N, k) float32 ReLU'd top-k values of ``x @ W.T + b`` and their int64 latents."""
-    if encoder_path("topk", k, W.dtype) == "fused":
+    if encoder_path("topk", k, W) == "fused":
         return topk_fused(x, W, b, k, index_map=index_map)
     n = x.shape[0]
     values = torch.empty(n, k, dtype=torch.float32, device=x.device)
@@ -151,7 +129,7 @@ def encode_jumprelu(
     bandwidth: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`saekit.kernels.eager.encode_jumprelu` (pre-activations in float32)."""
-    if encoder_path("jumprelu", 1, W_enc.dtype) == "fused":
+    if encoder_path("jumprelu", 1, W_enc) == "fused":
         return jumprelu_fused(x_c, W_enc, b_enc, threshold, bandwidth)
     n = x_c.shape[0]
     pres, cols, counts = [], [], []

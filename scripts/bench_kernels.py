@@ -8,14 +8,20 @@ In one run, on one GPU:
    (from :mod:`saekit.kernels.roofline` and the measured ceilings) to its time: 1.0 is the
    floor, L2 hits can take a memory-bound kernel past it;
 3. whole training steps (forward, backward, optimizer, decoder upkeep, as ``Trainer`` runs
-   them, without its logging): TopK and JumpReLU on the Triton kernels, the same TopK step with
-   AuxK on a fraction of dead latents, and EleutherAI sparsify's TopK step when it is installed
-   (its own fused encoder and Triton decoder, its autocast, the same Adam; like its trainer it
-   does not clip gradients);
-4. with ``--cache DIR``, ``saekit``'s trainer fed from that activation cache (disk, decode,
+   them, without its logging): TopK, BatchTopK and JumpReLU on the Triton kernels, the same
+   TopK step with AuxK on a fraction of dead latents, and EleutherAI sparsify's TopK step, with
+   and without AuxK, when it is installed (its own fused encoder and Triton decoder, its
+   autocast, the same Adam; like its trainer it does not clip gradients);
+4. ``Trainer`` itself on in-memory batches already on the GPU, against the bare TopK step: its
+   own overhead (bookkeeping; a non-logging step reads nothing back from the device);
+5. with ``--cache DIR``, ``saekit``'s trainer fed from that activation cache (disk, decode,
    host-to-device copy included), so the data feed's own ceiling shows.
 
-Every record is one JSON line (``kind``: machine, ceiling, kernel, step, note).
+Every record is one JSON line (``kind``: machine, ceiling, kernel, step, note). Timed records
+carry ``seconds`` (the median of the steady state) and ``first_call_seconds`` (the first call
+alone: Triton's compilation, unless its disk cache holds the kernel, and autotuning, which
+benchmarks every configuration once per new shape key, plus one call). On an H200 the default
+run (both shapes of issue 16, N = 16384) takes about three minutes.
 
     python scripts/bench_kernels.py                                  # the issue's two shapes
     python scripts/bench_kernels.py --shapes 768x24576x32 --tokens 16384 --dead_fraction 0.1
@@ -35,6 +41,7 @@ if "--cpu-smoke" in sys.argv:  # read when triton is imported: before anything i
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import platform
 import statistics
@@ -47,7 +54,7 @@ import torch
 from saekit.dictionaries import SAEConfig, StepContext, build_dictionary
 from saekit.dictionaries.base import default_k_aux
 from saekit.kernels import eager, roofline
-from saekit.kernels.dispatch import force_backend
+from saekit.kernels.dispatch import encoder_path, force_backend
 from saekit.training import TrainConfig
 
 ISSUE_SHAPES = "768x24576x32,4096x131072x64"
@@ -83,9 +90,18 @@ class Ceilings:
     bytes_per_s: float
 
 
+@dataclass(frozen=True)
+class Timing:
+    seconds: float
+    """Median of the timed calls (the steady state)."""
+    first_call_seconds: float
+    """The first call, synchronised: compilation and autotuning included."""
+
+
 class Timer:
-    """Median wall time of a callable, with CUDA events on a GPU. ``flush_l2`` overwrites a
-    buffer larger than L2 before each call, so memory-bound kernels are timed cold."""
+    """Median wall time of a callable, with CUDA events on a GPU, and the first call's apart.
+    ``flush_l2`` overwrites a buffer larger than L2 before each call, so memory-bound kernels are
+    timed cold."""
 
     def __init__(self, device: torch.device, repeats: int, warmup: int) -> None:
         self.device = device
@@ -97,8 +113,13 @@ class Timer:
             else None
         )
 
-    def __call__(self, fn: Callable[[], object], *, flush_l2: bool = True) -> float:
-        for _ in range(self.warmup):
+    def __call__(self, fn: Callable[[], object], *, flush_l2: bool = True) -> Timing:
+        self._sync()
+        start = time.perf_counter()
+        fn()
+        self._sync()
+        first = time.perf_counter() - start
+        for _ in range(self.warmup - 1):
             fn()
         if self.device.type != "cuda":
             times = []
@@ -106,7 +127,7 @@ class Timer:
                 start = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - start)
-            return statistics.median(times)
+            return Timing(statistics.median(times), first)
         torch.cuda.synchronize()
         events = []
         for _ in range(self.repeats):
@@ -119,7 +140,11 @@ class Timer:
             end.record()
             events.append((begin, end))
         torch.cuda.synchronize()
-        return statistics.median(b.elapsed_time(e) for b, e in events) / 1e3
+        return Timing(statistics.median(b.elapsed_time(e) for b, e in events) / 1e3, first)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def measure_ceilings(timer: Timer, device: torch.device) -> Ceilings:
@@ -127,7 +152,7 @@ def measure_ceilings(timer: Timer, device: torch.device) -> Ceilings:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = timer(lambda: a @ b, flush_l2=False)
+    seconds = timer(lambda: a @ b, flush_l2=False).seconds
     flops = 2 * size**3 / seconds
     emit(
         {
@@ -140,7 +165,7 @@ def measure_ceilings(timer: Timer, device: torch.device) -> Ceilings:
     n_bytes = 2**31 if device.type == "cuda" else 2**24
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    seconds = timer(lambda: dst.copy_(src), flush_l2=False)
+    seconds = timer(lambda: dst.copy_(src), flush_l2=False).seconds
     bandwidth = 2 * n_bytes / seconds  # every byte read once and written once
     emit(
         {
@@ -158,11 +183,12 @@ def report(
     name: str,
     shape: Shape,
     tokens: int,
-    seconds: float,
+    timing: Timing,
     phases: list[roofline.Phase],
     ceilings: Ceilings,
     **extra,
 ) -> None:
+    seconds = timing.seconds
     flops = sum(p.flops for p in phases)
     n_bytes = sum(p.bytes for p in phases)
     floor = roofline.floor_seconds(phases, ceilings.flops_per_s, ceilings.bytes_per_s)
@@ -173,6 +199,7 @@ def report(
             **shape.record(),
             "tokens": tokens,
             "seconds": seconds,
+            "first_call_seconds": timing.first_call_seconds,
             "tflops": flops / seconds / 1e12,
             "gbps": n_bytes / seconds / 1e9,
             "floor_seconds": floor,
@@ -247,13 +274,22 @@ def bench_kernels(
         report("kernel", name, shape, n, timer(fn), phases, ceilings, **extra)
 
     product = roofline.encoder_product(n, d, m)
+    # What SAEKIT_ENCODER=auto would run here (kernels/dispatch.py's table of measured figures).
+    with env(SAEKIT_ENCODER=None):
+        auto = {kind: encoder_path(kind, d, op_dtype) for kind in ("topk", "jumprelu")}
     for path in ("fused", "plain"):
         with env(SAEKIT_ENCODER=path):
-            kernel(f"topk encoder ({path})", lambda: tb.encode_topk(x, W_enc, b_enc, k), [product])
+            kernel(
+                f"topk encoder ({path})",
+                lambda: tb.encode_topk(x, W_enc, b_enc, k),
+                [product],
+                auto_picks=auto["topk"],
+            )
             kernel(
                 f"topk encoder + AuxK on {dead_fraction:.0%} dead ({path})",
                 lambda: tb.encode_topk(x, W_enc, b_enc, k, dead, k_aux),
                 [product, roofline.encoder_product(n, d, n_dead)],
+                auto_picks=auto["topk"],
             )
             pre, idx, _ = tb.encode_jumprelu(x, W_enc, b_enc, theta, 0.05)
             tracked = pre.numel() / n
@@ -262,6 +298,7 @@ def bench_kernels(
                 lambda: tb.encode_jumprelu(x, W_enc, b_enc, theta, 0.05),
                 roofline.jumprelu_step(n, d, m, tracked, tracked)[:1],
                 tracked_per_token=tracked,
+                auto_picks=auto["jumprelu"],
             )
     kernel(
         "decode",
@@ -391,15 +428,17 @@ def bench_steps(
     n_dead = int(dead_fraction * m)
     k_aux = min(default_k_aux(d), n_dead)
 
-    def step(name, fn, phases, **extra):
+    def step(name, fn, phases, **extra) -> Timing | None:
         if fn is None:
             emit({"kind": "note", "name": name, "note": "not installed"})
-            return
-        report("step", name, shape, n, timer(fn, flush_l2=False), phases, ceilings, **extra)
+            return None
+        timing = timer(fn, flush_l2=False)
+        report("step", name, shape, n, timing, phases, ceilings, **extra)
+        return timing
 
     plain = roofline.topk_step(n, d, m, k)
     aux = roofline.topk_step(n, d, m, k, n_dead=n_dead, k_aux=k_aux)
-    step("topk step (saekit, triton)", saekit_step("topk", shape, x, 0.0), plain)
+    bare = step("topk step (saekit, triton)", saekit_step("topk", shape, x, 0.0), plain)
     if n_dead:
         step(
             f"topk step + AuxK, {dead_fraction:.0%} dead (saekit, triton)",
@@ -418,6 +457,10 @@ def bench_steps(
         saekit_step("jumprelu", shape, x, 0.0, theta),
         roofline.jumprelu_step(n, d, m, k),
     )
+    # BatchTopK selects with the TopK encoder (4k candidates per row), then the batch's k N.
+    step("batchtopk step (saekit, triton)", saekit_step("batchtopk", shape, x, 0.0), plain)
+    assert bare is not None
+    bench_trainer(shape, x, timer, ceilings, bare)
     if device.type == "cuda":
         step("topk step (eai-sparsify)", sparsify_step(shape, x, 0.0), plain)
         if n_dead:
@@ -429,20 +472,66 @@ def bench_steps(
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
-class _Timestamps:
-    """A source that records when the trainer asks for each batch."""
+class _Clock:
+    """Batches from ``source`` (or ``batch`` forever); when the trainer asks for batch ``start``
+    and batch ``stop`` (steps ``start - 1`` and ``stop - 1`` are then done), waits for the device
+    and reads the clock. Two synchronisations in all, so the steps between run as they would."""
 
-    def __init__(self, source) -> None:
-        self.source = source
-        self.d_in = source.d_in
+    def __init__(self, start: int, stop: int, source=None, batch: torch.Tensor | None = None):
+        self.start, self.stop = start, stop
+        self.source, self.batch = source, batch
+        self.d_in = source.d_in if source is not None else batch.shape[1]
+        self.began = time.perf_counter()
         self.times: list[float] = []
 
     def __iter__(self):
-        for batch in self.source:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
+        batches = iter(self.source) if self.source is not None else itertools.repeat(self.batch)
+        for i, batch in enumerate(batches):
+            if i in (self.start, self.stop):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.times.append(time.perf_counter())
             yield batch
+
+    def timing(self) -> Timing:
+        steps = self.stop - self.start
+        return Timing((self.times[1] - self.times[0]) / steps, self.times[0] - self.began)
+
+
+def _run_trainer(shape: Shape, n: int, device: torch.device, clock: _Clock) -> None:
+    from saekit.training import Trainer
+
+    train = TrainConfig(
+        batch_size=n,
+        max_steps=clock.stop + 1,
+        device=str(device),
+        log_every=10**9,
+        checkpoint_every=0,
+        progress=False,
+    )
+    Trainer([SAEConfig(architecture="topk", k=shape.k, d_sae=shape.m)], train, clock).fit()
+
+
+def bench_trainer(
+    shape: Shape, x: torch.Tensor, timer: Timer, ceilings: Ceilings, bare: Timing
+) -> None:
+    """``Trainer`` on the same batch, already on the device, again and again: the bare step plus
+    the trainer's bookkeeping. ``first_call_seconds`` is here everything before the timed steps
+    (initialisation from the first batch, compilation, autotuning, the warm-up steps)."""
+    n = x.shape[0]
+    clock = _Clock(timer.warmup, timer.warmup + timer.repeats, batch=x)
+    _run_trainer(shape, n, x.device, clock)
+    timing = clock.timing()
+    report(
+        "step",
+        "topk step (saekit Trainer, in-memory batches on the device)",
+        shape,
+        n,
+        timing,
+        roofline.topk_step(n, shape.d, shape.m, shape.k),
+        ceilings,
+        overhead_over_bare_step=timing.seconds / bare.seconds - 1,
+    )
 
 
 def bench_cache_fed(
@@ -455,36 +544,46 @@ def bench_cache_fed(
     device: torch.device,
 ) -> None:
     from saekit.cache import open_training_source
-    from saekit.training import Trainer
 
-    source = _Timestamps(
-        open_training_source(cache, hookpoint=hookpoint, batch_size=n, epochs=None)
-    )
-    shape = Shape(source.d_in, shape.m, shape.k)
     warmup = 3
-    train = TrainConfig(
-        batch_size=n,
-        max_steps=warmup + steps + 1,  # batch i is handed out when step i - 1 has finished
-        device=str(device),
-        log_every=10**9,
-        checkpoint_every=0,
-        progress=False,
+    clock = _Clock(
+        warmup,
+        warmup + steps,
+        source=open_training_source(cache, hookpoint=hookpoint, batch_size=n, epochs=None),
     )
-    Trainer([SAEConfig(architecture="topk", k=shape.k, d_sae=shape.m)], train, source).fit()
-    seconds = (source.times[warmup + steps] - source.times[warmup]) / steps
+    shape = Shape(clock.d_in, shape.m, shape.k)
+    _run_trainer(shape, n, device, clock)
+    timing = clock.timing()
     report(
         "step",
         f"topk step fed from the cache {cache} (saekit trainer)",
         shape,
         n,
-        seconds,
+        timing,
         roofline.topk_step(n, shape.d, shape.m, shape.k),
         ceilings,
-        feed_gbps=n * shape.d * source.source.dtype.itemsize / seconds / 1e9,
+        feed_gbps=n * shape.d * clock.source.dtype.itemsize / timing.seconds / 1e9,
     )
 
 
 # ------------------------------------------------------------------------------- main
+
+
+def _commit() -> str | None:
+    """The checkout's commit, when it is a git checkout (a copied tree is not)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
 
 
 def main() -> None:
@@ -531,6 +630,7 @@ def main() -> None:
             "date": datetime.date.today().isoformat(),
             "torch": torch.__version__,
             "triton": triton.__version__,
+            "commit": _commit(),
             "tokens": args.tokens,
         }
     )

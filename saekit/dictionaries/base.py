@@ -34,6 +34,9 @@ class StepContext:
 
     dead_latents: Tensor | None = None
     """(n_dead,) int64 ids of latents that have not fired for a long time (AuxK)."""
+    dead_total: int | None = None
+    """Dead latents of the whole dictionary when ``dead_latents`` holds one latent-split rank's
+    share; None means ``dead_latents.numel()`` (a host integer: no device read per step)."""
     k_aux: int = 0
     """Dead latents each token may use in the AuxK reconstruction of the residual."""
     auxk_alpha: float = 0.0
@@ -47,7 +50,8 @@ class StepContext:
 
     def batch_rows(self, x: Tensor) -> Tensor:
         """Rows in the whole batch (over every process sharing it), as a 0-d tensor."""
-        return self.reduce.sum(torch.tensor(float(x.shape[0]), device=x.device, dtype=x.dtype))
+        # torch.full fills on the device; torch.tensor would copy from the host (a sync on CUDA).
+        return self.reduce.sum(torch.full((), float(x.shape[0]), device=x.device, dtype=x.dtype))
 
 
 class TrainOutput(NamedTuple):
@@ -78,7 +82,7 @@ def reconstruction_loss(
     sum over ranks of these losses (and of their gradients) is the whole batch's FVU.
     """
     reduce = reduce or Reducer()
-    rows = reduce.sum(torch.tensor(float(x.shape[0]), device=x.device, dtype=x.dtype))
+    rows = reduce.sum(torch.full((), float(x.shape[0]), device=x.device, dtype=x.dtype))
     mean = reduce.sum(x.detach().sum(0)) / rows  # (d,)
     total = reduce.sum((x.detach() - mean).pow(2).sum())
     sse = (x - recon).pow(2).sum()

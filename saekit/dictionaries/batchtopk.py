@@ -55,15 +55,20 @@ class BatchTopKSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def _update_threshold(self, codes: SparseCodes, ctx: StepContext) -> None:
+        """EMA of the smallest kept activation, on the device: no value is read back to the host
+        (a batch that kept nothing leaves the threshold as it was)."""
         kept = codes.values.detach()
-        smallest = kept.min() if kept.numel() else kept.new_tensor(float("inf"))
+        # The smallest positive activation (kept zeros, from a batch short of positive ones,
+        # would pull the threshold to zero).
+        positive = torch.where(kept > 0, kept, float("inf"))
+        smallest = positive.min() if kept.numel() else kept.new_full((), float("inf"))
         smallest = ctx.reduce.min(smallest.to(self.threshold.dtype).clone())  # same on every rank
-        if not torch.isfinite(smallest):
-            return
-        if self.threshold < 0:
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.lerp_(smallest, 1 - self.threshold_momentum)
+        updated = torch.where(
+            self.threshold < 0,  # unset: the first batch sets it
+            smallest,
+            torch.lerp(self.threshold, smallest, 1 - self.threshold_momentum),
+        )
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
 
     def for_inference(self) -> JumpReLUSAE:
         """The equivalent JumpReLU: same weights, every latent thresholded at the learned value."""

@@ -133,9 +133,9 @@ class LatentShard(nn.Module):
     def after_optimizer_step(self) -> None:
         self.local.after_optimizer_step()
 
-    def clip_grad_norm_(self, max_norm: float) -> None:
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip by the norm of the whole (unsplit) gradient: split parts summed over ranks,
-        the replicated b_dec counted once."""
+        the replicated b_dec counted once. Returns that norm (0-d, on the device)."""
         split = [
             p.grad
             for n, p in self.local.named_parameters()
@@ -149,6 +149,7 @@ class LatentShard(nn.Module):
         for p in self.local.parameters():
             if p.grad is not None:
                 p.grad.mul_(coefficient)
+        return total.sqrt()
 
     def training_forward(self, x: Tensor, ctx: StepContext) -> TrainOutput:
         local, group = self.local, self.group
@@ -156,7 +157,9 @@ class LatentShard(nn.Module):
         x_c = _CopyToParallel.apply(x - local.b_dec, group)  # (N, d)
         terms: dict[str, Tensor] = {}
         if self.architecture == "topk":
-            dead_total = self._count(ctx.dead_latents)
+            dead_total = (
+                ctx.dead_total if ctx.dead_total is not None else self._count(ctx.dead_latents)
+            )
             k_aux = min(ctx.k_aux, dead_total) if ctx.auxk_alpha > 0 else 0
             dead = ctx.dead_latents if k_aux else None
             codes, aux = topk_encode(x_c, local.W_enc, local.b_enc, local.cfg.k, dead, k_aux)
@@ -200,8 +203,12 @@ class LatentShard(nn.Module):
         return TrainOutput(loss, recon, codes, terms)
 
     def _count(self, dead_latents: Tensor | None) -> int:
-        local = torch.tensor(
-            [0 if dead_latents is None else dead_latents.numel()], device=self.local.b_dec.device
+        """Dead latents over every rank (a collective and a host read: the trainer passes the
+        count it took when it last refreshed the dead latents, so a step does without)."""
+        local = torch.full(
+            (1,),
+            0 if dead_latents is None else dead_latents.numel(),
+            device=self.local.b_dec.device,
         )
         return int(self.group.all_reduce_sum(local).item())
 

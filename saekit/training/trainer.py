@@ -10,6 +10,26 @@ The loop, per batch and per dictionary (Gao et al. 2024 for TopK; the same skele
 3. for unit-norm decoders, drop the gradient component parallel to each decoder row;
 4. clip, Adam step with warm-up/decay, renormalise decoder rows;
 5. update each latent's tokens-since-last-fired counter (dead-latent tracking).
+
+A step never waits for the device (Gao et al. train on GPUs, where every value read back to the
+host drains the queue of launched kernels and idles the GPU until it refills): everything a
+step decides on stays a device tensor, and the host reads the device only on logging steps
+(every ``log_every``), before a checkpoint, and at the end.
+
+* Non-finite data or losses: a batch's finiteness is a 0-d device flag, a dictionary's loss
+  (and gradient norm) adds its own, and fused Adam skips the update when handed the flag as
+  ``found_inf`` (as under ``torch.amp.GradScaler``); the dead-latent counters, the metric
+  windows and the dictionaries' buffers (BatchTopK's threshold) ignore a skipped step. A device
+  record keeps the count and the first such event; the host reads it on the next logging or
+  checkpoint step and applies ``nan_policy`` and ``max_skipped_batches`` there, so a checkpoint
+  never follows an unread bad batch. A skipped batch still counts as a step (it updates
+  nothing). The first batch, which initialisation reads anyway, is checked on the host.
+* Dead latents for AuxK: their ids are a tensor whose size the selection needs on the host, so
+  the set is refreshed on logging steps only, and kept (and checkpointed) in between. A latent
+  is dead after ``dead_tokens`` (1M by default) tokens without firing; ``log_every`` steps
+  (50 x 4096 = 200k tokens by default) is a small part of that, so AuxK's view lags the
+  counters by at most one logging interval.
+* Row and token counts are Python integers from shapes, or device tensors in data-parallel runs.
 """
 
 from __future__ import annotations
@@ -78,16 +98,30 @@ class TrainResult:
 
 @dataclass
 class _Window:
-    """Metric accumulators between two log records (tensors: no device sync per step)."""
+    """Metric accumulators between two log records: device tensors, so that a step adds to them
+    without reading anything back. A skipped step (non-finite data or loss) adds zeros."""
 
     steps: int = 0
+    """Steps run in the window, skipped ones included."""
     tokens: int = 0
+    """Rows read in the window, skipped ones included (the throughput's)."""
+    lr_sum: float = 0.0
+    """Sum of the learning rates of the window's steps."""
     sums: dict[str, Tensor] = field(default_factory=dict)
     fired: Tensor | None = None
+    trained: Tensor | None = None
+    """(2,) int64: steps and rows of the window that updated the dictionary."""
 
-    def add(self, name: str, value: Tensor) -> None:
+    def add(self, name: str, value: Tensor, keep: Tensor | None = None) -> None:
         value = value.detach().float()
+        if keep is not None:
+            value = torch.where(keep, value, 0.0)  # never a NaN of a skipped step
         self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def count(self, keep: Tensor, rows: int | Tensor) -> None:
+        kept = keep.long()
+        step = torch.stack([kept, kept * rows])
+        self.trained = step if self.trained is None else self.trained + step
 
 
 @dataclass
@@ -101,6 +135,12 @@ class _Slot:
     tokens_since_fired: Tensor
     window: _Window = field(default_factory=_Window)
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    dead_mask: Tensor | None = None
+    """(width,) bool: the latents AuxK treats as dead, as of the last refresh."""
+    dead: Tensor | None = None
+    """Their ids (None when there are none or AuxK does not apply)."""
+    dead_total: int | None = None
+    """Dead latents over every rank of a latent-split dictionary (None otherwise)."""
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -132,6 +172,16 @@ def dictionary_names(cfgs: Sequence[SAEConfig]) -> list[str]:
             f"two dictionaries of this run would share a folder: {names}; vary their configs"
         )
     return names
+
+
+# The device record of skipped work since the host last read it (int64 fields).
+_EVENTS, _SKIPPED_ROWS, _KIND, _BATCH, _STEP, _SLOT, _BAD_ROWS, _FIRST_ROW, _ROWS = range(9)
+_BATCH_HERE, _BATCH_ELSEWHERE, _LOSS = 1, 2, 3
+
+
+def _fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` honours a ``found_inf`` flag (fused Adam does; the others refuse it)."""
+    return bool(optimizer.defaults.get("fused"))
 
 
 def _make_optimizer(params: list[Tensor], lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -230,6 +280,7 @@ class Trainer:
         self.slots: list[_Slot] = []
         self.names: list[str] = []
         self._checkpointed_step = -1
+        self._skips = torch.zeros(9, dtype=torch.long, device=self.device)
 
     @property
     def is_main(self) -> bool:
@@ -308,23 +359,28 @@ class Trainer:
         opt_tensors, opt_meta = flatten_optimizer_state(slot.optimizer.state_dict(), "opt")
         tensors.update(opt_tensors)
         tensors["tokens_since_fired"] = slot.tokens_since_fired
+        if slot.dead_mask is not None:
+            tensors["dead_mask"] = slot.dead_mask
         for key, value in slot.window.sums.items():
             tensors[f"window.{key}"] = value
         if slot.window.fired is not None:
             tensors["window_fired"] = slot.window.fired
+        if slot.window.trained is not None:
+            tensors["window_trained"] = slot.window.trained
         if isinstance(slot.sae, LatentShard):
             tensors = slot.sae.gather_state(tensors, self._latent_dim_names(slot))
         meta = {
             "optimizer": opt_meta,
             "window_steps": slot.window.steps,
             "window_tokens": slot.window.tokens,
+            "window_lr_sum": slot.window.lr_sum,
             "last_metrics": slot.last_metrics,
         }
         return tensors, meta
 
     def _latent_dim_names(self, slot: _Slot) -> set[str]:
         """Checkpoint tensor names that have one row per latent (split in latent-split runs)."""
-        names = {"tokens_since_fired", "window_fired"}
+        names = {"tokens_since_fired", "window_fired", "dead_mask"}
         module = slot.sae.local if isinstance(slot.sae, LatentShard) else slot.sae
         for index, (name, _) in enumerate(module.named_parameters()):
             if name in LATENT_DIM_PARAMETERS:
@@ -335,6 +391,7 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         if self.output_dir is None or not self.cfg.checkpoint_every:
             return
+        self._check_skips()  # a checkpoint never follows a bad batch that nobody has looked at
         root = self.output_dir / CHECKPOINT_DIR
         if self.is_main:
             ckpt.prepare_staging(root, self.step)
@@ -390,16 +447,29 @@ class Trainer:
                 unflatten_optimizer_state(tensors, meta["optimizer"], "opt")
             )
             slot.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+            sums = {k[7:]: v.to(self.device) for k, v in tensors.items() if k.startswith("window.")}
+            lr_sum = meta.get("window_lr_sum")
+            if lr_sum is None:  # a checkpoint from before the learning rate was summed on the host
+                lr_sum = float(sums.pop("lr", torch.zeros(())))
+            trained = tensors.get("window_trained")
+            if trained is None:  # ... or before skipped steps were told apart on the device
+                trained = torch.tensor([meta["window_steps"], meta["window_tokens"]])
             slot.window = _Window(
                 steps=meta["window_steps"],
                 tokens=meta["window_tokens"],
-                sums={
-                    k[7:]: v.to(self.device) for k, v in tensors.items() if k.startswith("window.")
-                },
+                lr_sum=lr_sum,
+                sums=sums,
                 fired=tensors["window_fired"].to(self.device)
                 if "window_fired" in tensors
                 else None,
+                trained=trained.to(self.device),
             )
+            # The dead latents as the uninterrupted run had them (last refreshed at a logging
+            # step, perhaps before this checkpoint), or from the counters for older checkpoints.
+            if "dead_mask" in tensors:
+                self._set_dead(slot, tensors["dead_mask"].to(self.device))
+            else:
+                self._refresh_dead(slot)
             slot.last_metrics = meta["last_metrics"]
         self.step = state["step"]
         self.tokens = state["tokens"]
@@ -467,8 +537,16 @@ class Trainer:
                 )
         return scale
 
-    def _check_batch(self, batch: Tensor, d_in: int) -> Tensor | None:
-        """The batch on the training device in float32, or None when it must be skipped."""
+    def _check_batch(self, batch: Tensor, d_in: int) -> tuple[Tensor | None, Tensor | None]:
+        """The batch on the training device in float32 (None when it must be skipped now), and
+        a 0-d device flag that is True when it holds NaN or infinite values (None when the host
+        checked it already).
+
+        Until the first batch has initialised the run, the host checks finiteness itself (that
+        batch is read back anyway). Afterwards the check stays on the device: non-finite rows
+        are zeroed, the flag makes every update of the step a no-op, and :meth:`_check_skips`
+        applies ``nan_policy`` on the next logging or checkpoint step.
+        """
         if not isinstance(batch, Tensor) or batch.ndim != 2:
             shape = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
             raise DataError(f"batch {self.batches_seen} is not a (batch, d) tensor: {shape}")
@@ -478,112 +556,246 @@ class Trainer:
                 "all activations must come from the same hookpoint"
             )
         x = batch.to(self.device, torch.float32, non_blocking=True)
+        if x.shape[0] == 0 and self.parallel != "data":
+            return None, None
+        if self.scale is None:
+            return (x if self._finite_on_host(x) else None), None
+        finite_rows = torch.isfinite(x).all(dim=1)  # (N,)
+        bad_here = ~finite_rows.all()
+        bad = bad_here
+        if self.parallel == "data":  # every rank skips the step if any rank's slice is bad
+            bad = self.group.all_reduce_sum(bad_here.float().reshape(1))[0] > 0
+        non_finite = ~finite_rows
+        self._note(
+            bad,
+            kind=torch.where(bad_here, _BATCH_HERE, _BATCH_ELSEWHERE),
+            slot=-1,
+            bad_rows=non_finite.sum(),
+            first_row=non_finite.to(torch.uint8).argmax(),
+            rows=x.shape[0],
+            skipped_rows=self._global_rows(x),
+        )
+        # NaN stays out of the kernels (and out of BatchTopK's threshold); the step is skipped.
+        return torch.where(finite_rows.unsqueeze(1), x, 0.0), bad
+
+    def _finite_on_host(self, x: Tensor) -> bool:
+        """The synchronous check of a batch's finiteness (before initialisation)."""
         finite = bool(torch.isfinite(x).all())
-        if not self._everyone(finite):
-            if finite:
-                what = (
-                    f"batch {self.batches_seen} holds NaN or infinite activations on another rank"
-                )
-            else:
-                bad_rows = (~torch.isfinite(x).all(dim=1)).nonzero().squeeze(1)
-                what = (
-                    f"batch {self.batches_seen} holds NaN or infinite activations "
-                    f"({bad_rows.numel()} of {x.shape[0]} rows, first at row {int(bad_rows[0])})"
-                )
-            self._non_finite(what)
-            return None
-        if not self._everyone(x.shape[0] > 0) and self.parallel != "data":
-            return None
-        return x
+        if self._everyone(finite):
+            return True
+        if finite:
+            what = f"batch {self.batches_seen} holds NaN or infinite activations on another rank"
+        else:
+            bad_rows = (~torch.isfinite(x).all(dim=1)).nonzero().squeeze(1)
+            what = self._describe_batch(
+                self.batches_seen, bad_rows.numel(), x.shape[0], int(bad_rows[0])
+            )
+        self._skipped(what)
+        return False
+
+    def _global_rows(self, x: Tensor) -> int:
+        """Rows of the whole batch, over the ranks that share it."""
+        return x.shape[0] * (self.group.world_size if self.parallel == "data" else 1)
 
     def _everyone(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank that shares this batch (data parallelism)."""
         if self.parallel != "data":
             return flag
-        failures = torch.tensor([0.0 if flag else 1.0], device=self.device)
+        failures = torch.full((1,), 0.0 if flag else 1.0, device=self.device)
         return self.group.all_reduce_sum(failures).item() == 0
 
-    def _non_finite(self, what: str) -> None:
+    def _note(
+        self,
+        event: Tensor,
+        *,
+        kind: Tensor | int,
+        slot: int,
+        bad_rows: Tensor | int = 0,
+        first_row: Tensor | int = 0,
+        rows: int = 0,
+        skipped_rows: int = 0,
+    ) -> None:
+        """Count a skipped batch (``event``, a 0-d bool) in the device record, and describe it
+        there if it is the first since the host last looked. Nothing is read back."""
+
+        def long(value: Tensor | int) -> Tensor:
+            if isinstance(value, Tensor):
+                return value.to(torch.long)
+            return torch.full((), value, dtype=torch.long, device=self.device)
+
+        record = self._skips
+        details = torch.stack(
+            [long(v) for v in (kind, self.batches_seen, self.step, slot, bad_rows, first_row, rows)]
+        )
+        first = event & (record[_EVENTS] == 0)
+        record[_KIND:].copy_(torch.where(first, details, record[_KIND:]))
+        happened = event.to(torch.long)
+        record[:_KIND].add_(torch.stack([happened, happened * skipped_rows]))
+
+    def _check_skips(self) -> None:
+        """Read the device record of skipped batches (one host synchronisation: logging and
+        checkpoint steps only) and apply ``nan_policy`` and ``max_skipped_batches``."""
+        events, skipped_rows, kind, batch, step, slot, bad_rows, first_row, rows = (
+            self._skips.tolist()
+        )
+        if not events:
+            return
+        self._skips.zero_()
+        self.tokens -= skipped_rows
+        if kind == _LOSS:
+            what = f"dictionary {self.slots[slot].name} got a non-finite loss or gradient at step {step}"
+        elif kind == _BATCH_ELSEWHERE:
+            what = f"batch {batch} holds NaN or infinite activations on another rank"
+        else:
+            what = self._describe_batch(batch, bad_rows, rows, first_row)
+        self._skipped(what, events)
+
+    @staticmethod
+    def _describe_batch(batch: int, bad_rows: int, rows: int, first_row: int) -> str:
+        return (
+            f"batch {batch} holds NaN or infinite activations "
+            f"({bad_rows} of {rows} rows, first at row {first_row})"
+        )
+
+    def _skipped(self, what: str, count: int = 1) -> None:
+        """``count`` batches were skipped, the first of them because of ``what``."""
         if self.cfg.nan_policy == "stop":
             raise NonFiniteError(
                 f"{what}; stopping (nan_policy=stop). Checkpoints so far are intact."
             )
-        self.skipped_batches += 1
-        log.warning("%s; skipped (%d so far)", what, self.skipped_batches)
+        self.skipped_batches += count
+        more = f" (and {count - 1} more by step {self.step})" if count > 1 else ""
+        log.warning("%s%s; skipped (%d so far)", what, more, self.skipped_batches)
         if self.skipped_batches > self.cfg.max_skipped_batches:
             raise NonFiniteError(
                 f"{what}; more than max_skipped_batches={self.cfg.max_skipped_batches} batches were "
                 "skipped, so the data is likely broken. Checkpoints so far are intact."
             )
 
-    def _train_slot(self, slot: _Slot, x: Tensor, lr_mult: float) -> None:
+    # ------------------------------------------------------------------ dead latents
+
+    def _refresh_dead(self, slot: _Slot) -> None:
+        """AuxK's dead latents from the counters: on logging steps and at the start only, since
+        their number is read back to the host (see the module's docstring)."""
+        if self.cfg.auxk_alpha > 0 and slot.sae.architecture in ("topk", "batchtopk"):
+            self._set_dead(slot, slot.tokens_since_fired >= self.cfg.dead_tokens)
+
+    def _set_dead(self, slot: _Slot, mask: Tensor) -> None:
+        slot.dead_mask = mask.to(torch.bool)
+        ids = slot.dead_mask.nonzero().squeeze(1)
+        slot.dead = ids if ids.numel() else None
+        if isinstance(slot.sae, LatentShard):
+            count = torch.full((1,), ids.numel(), dtype=torch.long, device=self.device)
+            slot.dead_total = int(self.group.all_reduce_sum(count).item())
+
+    # ------------------------------------------------------------------ one step
+
+    def _train_slot(
+        self,
+        slot: _Slot,
+        index: int,
+        x: Tensor,
+        lr_mult: float,
+        bad: Tensor | None,
+        rows: int | Tensor,
+    ) -> None:
+        """One optimisation step of one dictionary, with no host synchronisation.
+
+        ``bad`` flags a batch with non-finite values; ``rows`` counts the batch's rows over the
+        ranks that share it (a device tensor in data-parallel runs).
+        """
         sae, cfg = slot.sae, self.cfg
-        dead = None
-        if cfg.auxk_alpha > 0 and sae.architecture in ("topk", "batchtopk"):
-            dead_mask = slot.tokens_since_fired >= cfg.dead_tokens
-            if bool(dead_mask.any()):
-                dead = dead_mask.nonzero().squeeze(1)
         warm = (
             min(1.0, (self.step + 1) / cfg.sparsity_warmup_steps)
             if cfg.sparsity_warmup_steps
             else 1.0
         )
         ctx = StepContext(
-            dead_latents=dead,
+            dead_latents=slot.dead,
+            dead_total=slot.dead_total,
             k_aux=cfg.k_aux or default_k_aux(sae.d_in),
             auxk_alpha=cfg.auxk_alpha,
             sparsity_coefficient=cfg.sparsity_weight(sae.architecture) * warm,
             jumprelu_bandwidth=cfg.jumprelu_bandwidth,
             reduce=self.reducer,
         )
+        buffers = [b.detach().clone() for b in sae.buffers()]  # put back if the step is skipped
         use_autocast = cfg.autocast and x.is_cuda
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_autocast):
             out = sae.training_forward(x, ctx)
-        if not self._everyone(bool(torch.isfinite(out.loss))):
-            slot.optimizer.zero_grad(set_to_none=True)
-            self._non_finite(f"dictionary {slot.name} got a non-finite loss at step {self.step}")
-            return
-        out.loss.backward()
+        # What the metrics need from the codes, taken now: the codes (33M entries for a JumpReLU
+        # at initialisation) are then released as soon as the backward pass is done with them.
+        fired = self.reducer.sum(out.codes.firing_counts())  # dead statistics agree on all ranks
+        active = None if "l0" in out.terms else self.reducer.sum(out.codes.active_count())
+        cosine = self.reducer.sum(
+            torch.nn.functional.cosine_similarity(out.recon.detach().float(), x, dim=1).sum()
+        )
+        loss, terms = out.loss, out.terms
+        del out
+
+        loss_bad = ~torch.isfinite(loss.detach())
+        loss.backward()
         params = list(sae.parameters())
         if self.parallel == "data":
             # Each rank's loss is its share of the batch's loss: summed gradients are the batch's.
+            # The loss flag rides along, so every rank skips the same steps.
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            flat_all_reduce_([p.grad for p in params if p.grad is not None], self.group)
+            grads = [p.grad for p in params if p.grad is not None]
+            flag = loss_bad.to(grads[0].dtype)  # the gradients' dtype: one flat buffer
+            flat_all_reduce_([*grads, flag], self.group)
+            loss_bad = flag > 0
         if sae.normalize_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
         if cfg.grad_clip:
             if isinstance(sae, LatentShard):
-                sae.clip_grad_norm_(cfg.grad_clip)
+                norm = sae.clip_grad_norm_(cfg.grad_clip)
             else:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            loss_bad = loss_bad | ~torch.isfinite(norm)
+        skip = loss_bad if bad is None else bad | loss_bad
+        self._note(loss_bad if bad is None else loss_bad & ~bad, kind=_LOSS, slot=index)
+
         for group in slot.optimizer.param_groups:
             group["lr"] = slot.lr * lr_mult
-        slot.optimizer.step()
+        if _fused(slot.optimizer):
+            # Fused Adam leaves parameters and moments untouched when found_inf is 1, as it does
+            # for torch.amp.GradScaler: the skip is decided on the device.
+            slot.optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+            slot.optimizer.step()
+        elif not bool(skip):  # an unfused optimizer refuses found_inf: a read per step
+            slot.optimizer.step()
         slot.optimizer.zero_grad(set_to_none=True)
         sae.after_optimizer_step()
+        for buffer, before in zip(sae.buffers(), buffers, strict=True):
+            buffer.copy_(torch.where(skip, before, buffer))
 
-        rows = self.reducer.sum(torch.tensor(float(x.shape[0]), device=x.device))
-        fired = self.reducer.sum(out.codes.firing_counts())  # dead statistics agree on all ranks
-        slot.tokens_since_fired += int(rows.item())
+        keep = ~skip
+        fired.masked_fill_(skip, 0)
+        slot.tokens_since_fired.add_(keep.long() * rows)
         slot.tokens_since_fired.masked_fill_(fired > 0, 0)
 
         window = slot.window
         window.steps += 1
-        window.tokens += int(rows.item())
+        window.tokens += self._global_rows(x)
+        window.lr_sum += slot.lr * lr_mult
+        window.count(keep, rows)
         window.fired = fired if window.fired is None else window.fired + fired
-        cosine = torch.nn.functional.cosine_similarity(out.recon.detach().float(), x, dim=1)
-        window.add("cosine", self.reducer.sum(cosine.sum()) / rows)
-        if "l0" not in out.terms:  # latent-split runs report the merged L0 themselves
-            window.add("l0", self.reducer.sum(out.codes.l0().float().sum()) / rows)
-        for key, value in out.terms.items():
-            window.add(key, value)
-        window.add("lr", torch.tensor(slot.lr * lr_mult))
+        window.add("cosine", cosine / rows, keep)
+        if active is not None:  # latent-split runs report the merged L0 themselves
+            window.add("l0", active / rows, keep)
+        for key, value in terms.items():
+            window.add(key, value, keep)
 
     def _metrics(self, slot: _Slot, elapsed: float) -> dict[str, Any]:
         window = slot.window
-        means = {k: (v / max(window.steps, 1)).item() for k, v in window.sums.items()}
+        trained_steps, trained_rows = (
+            window.trained.tolist() if window.trained is not None else (0, 0)
+        )
+        names = list(window.sums)
+        sums = torch.stack([window.sums[k] for k in names]).tolist() if names else []
+        means = {k: v / max(trained_steps, 1) for k, v in zip(names, sums, strict=True)}
         scale2 = (self.scale or 1.0) ** 2
         dead = (slot.tokens_since_fired >= self.cfg.dead_tokens).float().sum()
         fired = window.fired
@@ -601,15 +813,15 @@ class Trainer:
             "cosine": means.get("cosine"),
             "l0": means.get("l0"),
             "dead_fraction": dead.item() / d_sae,
-            "lr": means.get("lr"),
+            "lr": window.lr_sum / max(window.steps, 1),
             "skipped_batches": self.skipped_batches,
             "tokens_per_second": window.tokens / elapsed if elapsed > 0 else None,
         }
         for key in ("auxk", "l0_penalty", "l1"):
             if key in means:
                 record[key] = means[key]
-        if fired is not None and window.tokens:
-            density = fired.double() / window.tokens
+        if fired is not None and trained_rows:
+            density = fired.double() / trained_rows
             log_density = density[density > 0].log10().clamp(DENSITY_EDGES[0], DENSITY_EDGES[-1])
             counts = torch.histc(
                 log_density,
@@ -681,13 +893,16 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        if resume_step is None:
+            for slot in self.slots:
+                self._refresh_dead(slot)
         window_start = time.perf_counter()
         try:
             while not (self.cfg.max_steps and self.step >= self.cfg.max_steps):
                 batch = next(batches, None)
                 if batch is None:
                     break
-                x = self._check_batch(batch, d_in)
+                x, bad = self._check_batch(batch, d_in)
                 self.batches_seen += 1
                 if x is None:
                     continue
@@ -695,16 +910,20 @@ class Trainer:
                     self.scale = self._initialise_from_data(x)
                 x = x * self.scale
                 lr_mult = lr_factor(self.step, self.cfg, total)
-                for slot in self.slots:
-                    self._train_slot(slot, x, lr_mult)
+                rows: int | Tensor = x.shape[0]
+                if self.parallel == "data":  # slices may differ at the end of an epoch
+                    rows = self.reducer.sum(torch.full((), x.shape[0], device=self.device))
+                for index, slot in enumerate(self.slots):
+                    self._train_slot(slot, index, x, lr_mult, bad, rows)
                 self.step += 1
-                self.tokens += x.shape[0] * (
-                    self.group.world_size if self.parallel == "data" else 1
-                )
+                self.tokens += self._global_rows(x)
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0:
+                    self._check_skips()
                     self._log(logger, time.perf_counter() - window_start)
                     window_start = time.perf_counter()
+                    for slot in self.slots:
+                        self._refresh_dead(slot)
                     if self.slots:
                         first = self.slots[0].last_metrics
                         bar.set_postfix(
@@ -712,7 +931,8 @@ class Trainer:
                         )
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self._save_checkpoint()
-            if self.step == 0:
+            self._check_skips()
+            if self.step == 0 or self.tokens == 0:
                 raise DataError(
                     "no usable batch was read: the activation source is empty or every batch was skipped"
                 )
