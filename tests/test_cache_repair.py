@@ -95,3 +95,40 @@ def test_a_rerun_rewrites_exactly_the_damaged_shards(tmp_path, cache_command, ca
     # and an intact cache is still left alone
     assert main(cache_command(damaged)) == 0
     assert "rewrote" not in capsys.readouterr().out
+
+
+def test_a_train_that_failed_on_a_damaged_shard_starts_again_after_the_repair(
+    tmp_path, cache_command, capsys
+):
+    cache = tmp_path / "cache"
+    assert main(cache_command(cache)) == 0
+    shard = cache / _shard_files(cache)[0]
+    data = bytearray(shard.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 100] ^= 1  # in the activations, which train reads
+    shard.write_bytes(bytes(data))
+    train = [
+        "train",
+        "--cache",
+        str(cache),
+        "--hookpoint",
+        "blocks.0",
+        "--d_sae",
+        "32",
+        "--k",
+        "4",
+        "--batch_size",
+        "128",
+        "--progress",
+        "false",
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
+    assert main(train) == 2
+    assert "is corrupt" in capsys.readouterr().err
+    assert (tmp_path / "run" / "run.json").exists()  # the failed run left its record, no checkpoint
+
+    assert main(cache_command(cache)) == 0  # repairs the shard
+    assert main(train) == 0, capsys.readouterr().err  # the same command starts it over
+    assert (tmp_path / "run" / "index.json").exists()
+    assert main(train) == 2  # a finished run is still protected
+    assert "already holds a training run" in capsys.readouterr().err
