@@ -482,7 +482,7 @@ class Trainer:
                 bad_rows = (~torch.isfinite(x).all(dim=1)).nonzero().squeeze(1)
                 what = (
                     f"batch {self.batches_seen} holds NaN or infinite activations "
-                    f"({bad_rows.numel()} of {x.shape[0]} rows, first at row {int(bad_rows[0])})"
+                    f"({bad_rows.numel()} of {x.shape[0]} rows, first at row {int(bad_rows[0])} of the shuffled batch)"
                 )
             self._non_finite(what)
             return None
