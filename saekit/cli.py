@@ -14,6 +14,7 @@ from .configuration import ConfigError
 from .hub.errors import HubError
 from .sources import DataError
 from .training.distributed import PeerLostError
+from .training.trainer import NonFiniteError
 
 # Subcommand modules under saekit.commands, in the order `saekit --help` lists them.
 COMMANDS = [
@@ -39,6 +40,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PermissionError,
     PeerLostError,
     HubError,
+    NonFiniteError,  # nan_policy=stop: the data is bad; the Python API still raises it
 )
 
 

@@ -155,7 +155,9 @@ def open_array(path: str | Path, key: str | None = None) -> Tensor | np.ndarray:
     if path.suffix == ".npy":
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as err:
+        except (ValueError, EOFError) as err:  # EOFError: an empty file
+            if path.stat().st_size == 0:
+                raise DataError(f"{path} is empty (0 bytes): write the activations again") from err
             raise DataError(
                 f"{path} is not a readable .npy array ({err}); the file may be truncated"
             ) from err

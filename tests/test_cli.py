@@ -153,6 +153,27 @@ def test_missing_data_is_reported(tmp_path, capsys):
     assert "activation file not found" in capsys.readouterr().err
 
 
+def test_an_empty_npy_file_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "acts.npy"
+    empty.touch()
+    assert main(["train", "--activations", str(empty), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{empty} is empty (0 bytes)" in err[0]
+
+
+def test_nan_policy_stop_is_one_line_from_the_cli(tmp_path, sparse_data, capsys):
+    data = sparse_data.activations[:2000].numpy().copy()
+    data[700, 3] = np.nan
+    path = tmp_path / "acts.npy"
+    np.save(path, data)
+    args = ["train", "--activations", str(path), "--d_sae", "48", "--k", "3"]
+    args += ["--batch_size", "256", "--nan_policy", "stop", "--progress", "false"]
+    assert main([*args, "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert "NaN or infinite activations" in err[0] and "nan_policy=stop" in err[0]
+
+
 def test_help_shows_field_docs():
     out = subprocess.run(
         [sys.executable, "-m", "saekit", "train", "--help"],

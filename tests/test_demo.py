@@ -74,3 +74,15 @@ def test_a_folder_of_a_run_with_other_settings_is_refused_untouched(demo, capsys
     assert main(["demo", "--quick", "--output_dir", str(out), "--seed", "1"]) != 0
     assert "other settings (seed)" in capsys.readouterr().err
     assert {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()} == before
+
+
+def test_a_second_run_with_the_same_settings_reuses_its_caches_and_dictionaries(demo, capsys):
+    out, report = demo
+    dictionaries = {f: f.stat().st_ino for f in (out / "dictionaries").rglob("*") if f.is_file()}
+    shards = {f: f.stat().st_ino for f in (out / "caches").rglob("*.safetensors")}
+    assert main(["demo", "--quick", "--output_dir", str(out)]) == 0, capsys.readouterr().err
+    again = json.loads((out / "report.json").read_text())
+    for name in ("clip", "denoiser"):
+        assert again["models"][name]["held_out"] == report["models"][name]["held_out"]
+    assert {f: f.stat().st_ino for f in dictionaries} == dictionaries  # not trained again
+    assert {f: f.stat().st_ino for f in shards} == shards  # not cached again

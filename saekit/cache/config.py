@@ -118,6 +118,11 @@ class CacheConfig:
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
 
+    verify: bool = False
+    """On a rerun, read every shard and check every checksum before trusting it (by default
+    sizes and headers are checked, and checksums too for caches under 256 MB); damaged shards
+    are written again."""
+
     data: InputConfig = field(default_factory=InputConfig)
 
     def __post_init__(self) -> None:
@@ -138,6 +143,7 @@ NON_CONTENT_FIELDS = (
     "device",
     "disk_check",
     "progress",
+    "verify",
     "local_files_only",
     "trust_remote_code",
 )

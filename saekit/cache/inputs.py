@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,7 +342,7 @@ def iter_batches(
     *,
     start_batch: int = 0,
     prefetch: int = 2,
-) -> Iterator[LoadedBatch]:
+) -> Generator[LoadedBatch, None, None]:
     """Batches of ``indices`` from ``start_batch`` on, loaded by a background thread (image
     decoding overlaps the model). A batch whose every input was bad is skipped."""
     slots: queue.Queue[Any] = queue.Queue(maxsize=prefetch)

@@ -32,6 +32,7 @@ from .. import _dist
 from ..adapters.base import ForwardContext, ModelAdapter
 from ..configuration import ConfigError
 from .capture import ActivationCapture, Hookpoint, resolve_hookpoints
+from .check import damaged_shards
 from .config import CacheConfig, content_config
 from .disk import check_space, human_bytes
 from .inputs import SkipReport, as_input_source, iter_batches, rank_indices
@@ -67,6 +68,8 @@ class CacheResult:
     seconds: float = 0.0
     merged: Path | None = None
     """The merged cache, when this rank was the last of a sharded run to finish."""
+    repaired: list[str] = field(default_factory=list)
+    """Damaged shards (missing, truncated, corrupt) found by this rerun and written again."""
 
 
 @contextlib.contextmanager
@@ -210,13 +213,44 @@ def cache_activations(
 
     with _exclusive(directory):
         saved = _open_directory(directory, manifest)
+        redo: set[tuple[int, str, int]] = set()
+        repaired: list[str] = []
         if saved is not None:
             manifest = saved
-            if manifest.complete:
-                log.info("%s already holds the complete cache; nothing to do", directory)
-                return _result(directory, manifest, 0, manifest.groups[-1].end_batch, began)
             _remove_stale_temporaries(directory)
-        result = _run(adapter, source, cfg, hookpoints, storage_dtype, directory, manifest, indices)
+            damaged = damaged_shards(directory, manifest, full=True if cfg.verify else None)
+            if damaged:
+                log.warning(
+                    "%d damaged shard(s) in %s (first: %s); rewriting them",
+                    len(damaged),
+                    directory,
+                    damaged[0].problem,
+                )
+                redo = {(d.record.group, d.hookpoint, d.record.index) for d in damaged}
+                repaired = [d.record.file for d in damaged]
+                for d in damaged:  # so that nothing reads them before they are rewritten
+                    d.path.unlink(missing_ok=True)
+                _repair(
+                    adapter,
+                    source,
+                    cfg,
+                    hookpoints,
+                    storage_dtype,
+                    directory,
+                    manifest,
+                    indices,
+                    redo,
+                )
+            if manifest.complete:
+                if not damaged:
+                    log.info("%s already holds the complete cache; nothing to do", directory)
+                result = _result(directory, manifest, 0, manifest.groups[-1].end_batch, began)
+                result.repaired = repaired
+                return result
+        result = _run(
+            adapter, source, cfg, hookpoints, storage_dtype, directory, manifest, indices, redo
+        )
+        result.repaired = repaired
         result.seconds = time.perf_counter() - began
     if world_size > 1:
         result.merged = _merge_if_last(root)
@@ -238,6 +272,75 @@ def _result(
     )
 
 
+def _rows_of(
+    adapter: ModelAdapter,
+    cfg: CacheConfig,
+    storage_dtype: torch.dtype,
+    hookpoint: Hookpoint,
+    tensor: Tensor,
+    context: ForwardContext,
+) -> tuple[Any, Tensor]:
+    """The rows a hooked tensor gives (after the row filter), and their values ``(n, d)`` in the
+    storage dtype, owned by the writer: one function, so a repair computes the same bytes."""
+    rows = adapter.flatten(hookpoint.module, tensor, context)
+    keep = cfg.rows.mask(rows, adapter.streams)
+    if keep is not None:
+        rows = rows.select(keep)  # a copy
+    return rows, rows.values.to(storage_dtype, copy=keep is None)
+
+
+def _repair(
+    adapter: ModelAdapter,
+    source: Any,
+    cfg: CacheConfig,
+    hookpoints: list[Hookpoint],
+    storage_dtype: torch.dtype,
+    directory: Path,
+    manifest: Manifest,
+    indices: range,
+    redo: set[tuple[int, str, int]],
+) -> None:
+    """Write the damaged shards ``redo`` of complete groups again, and nothing else.
+
+    A group's rows are a function of its input batches and the seed (the same fact a resume
+    relies on), so recomputing the groups that hold damaged shards gives their bytes exactly;
+    the writer skips every shard of those groups that is intact. Shards of the group a resumed
+    run is still writing are left to that run (``_run`` gets the same ``redo``).
+    """
+    ends = {g.index: g for g in manifest.groups}
+    groups = sorted({group for group, _, _ in redo if group in ends})
+    if not groups:
+        return
+    writer = ShardWriter(
+        directory, manifest, rows_per_shard=cfg.rows_per_shard, seed=cfg.seed, redo=redo
+    )
+
+    def on_capture(hookpoint: Hookpoint, tensor: Tensor, context: ForwardContext) -> None:
+        rows, values = _rows_of(adapter, cfg, storage_dtype, hookpoint, tensor, context)
+        if len(rows):
+            writer.add(hookpoint.name, values, metadata_columns(rows))
+
+    try:
+        with ActivationCapture(
+            adapter, hookpoints, on_capture, early_stop=cfg.early_stop
+        ) as capture:
+            for group in groups:
+                start = ends[group - 1].end_batch if group else 0
+                batches = iter_batches(
+                    source, indices, cfg.batch_size, SkipReport(), start_batch=start
+                )
+                with contextlib.closing(batches):  # stops the loader thread at the break
+                    for loaded in batches:
+                        if loaded.index >= ends[group].end_batch:
+                            break
+                        capture.run(loaded.batch)
+                writer.end_group(ends[group])
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def _run(
     adapter: ModelAdapter,
     source: Any,
@@ -247,6 +350,7 @@ def _run(
     directory: Path,
     manifest: Manifest,
     indices: range,
+    redo: set[tuple[int, str, int]] | None = None,
 ) -> CacheResult:
     last = manifest.groups[-1] if manifest.groups else None
     start_batch = last.end_batch if last else 0
@@ -256,7 +360,9 @@ def _run(
     if start_batch:
         log.info("resuming %s at input batch %d (group %d)", directory, start_batch, group)
 
-    writer = ShardWriter(directory, manifest, rows_per_shard=cfg.rows_per_shard, seed=cfg.seed)
+    writer = ShardWriter(
+        directory, manifest, rows_per_shard=cfg.rows_per_shard, seed=cfg.seed, redo=redo
+    )
     group_rows = dict.fromkeys((h.name for h in hookpoints), 0)
     batch_rows = dict.fromkeys(group_rows, 0)
     row_bytes = {h.name: 0 for h in hookpoints}
@@ -265,11 +371,7 @@ def _run(
     )
 
     def on_capture(hookpoint: Hookpoint, tensor: Tensor, context: ForwardContext) -> None:
-        rows = adapter.flatten(hookpoint.module, tensor, context)
-        keep = cfg.rows.mask(rows, adapter.streams)
-        if keep is not None:
-            rows = rows.select(keep)  # a copy
-        values = rows.values.to(storage_dtype, copy=keep is None)  # (n, d), owned by the writer
+        rows, values = _rows_of(adapter, cfg, storage_dtype, hookpoint, tensor, context)
         record = manifest.hookpoints.get(hookpoint.name)
         if record is None:
             with writer.lock:

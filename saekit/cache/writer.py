@@ -98,6 +98,8 @@ class ShardWriter:
         seed: seed of the within-group shuffles.
         queue_bytes: bound on the bytes waiting between the model and the copy thread.
         on_written: called with the bytes of every shard written (progress reporting).
+        redo: ``(group, hookpoint, index)`` of listed shards that are damaged: written again
+            when their group is recomputed, in place of their manifest record.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class ShardWriter:
         seed: int,
         queue_bytes: int = 256 << 20,
         on_written: Callable[[int], None] | None = None,
+        redo: set[tuple[int, str, int]] | None = None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
@@ -127,7 +130,7 @@ class ShardWriter:
             (s.group, name, s.index)
             for name, record in manifest.hookpoints.items()
             for s in record.shards
-        }
+        } - (redo or set())
         self._copy_stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._copy_thread = threading.Thread(target=self._copy_loop, name="cache-copy", daemon=True)
         self._write_thread = threading.Thread(
@@ -223,7 +226,8 @@ class ShardWriter:
                 for name in sorted(buffers):
                     self._write_hookpoint_group(record.index, name, buffers.pop(name))
                 with self.lock:
-                    self.manifest.groups.append(record)
+                    if all(g.index != record.index for g in self.manifest.groups):
+                        self.manifest.groups.append(record)  # (a repaired group is listed)
                     save_manifest(self.directory, self.manifest)
             except OSError as err:
                 self.error = self._stopped_by(err)
@@ -261,12 +265,17 @@ class ShardWriter:
                 hookpoint=name,
             )
             self.write_seconds += time.perf_counter() - began
+            shard = ShardRecord(
+                file, pick.numel(), written.bytes, written.header_xxh3, group, index
+            )
             with self.lock:
-                record.shards.append(
-                    ShardRecord(
-                        file, pick.numel(), written.bytes, written.header_xxh3, group, index
-                    )
-                )
+                listed = [
+                    i for i, s in enumerate(record.shards) if (s.group, s.index) == (group, index)
+                ]
+                if listed:  # a damaged shard rewritten
+                    record.shards[listed[0]] = shard
+                else:
+                    record.shards.append(shard)
             self._done.add((group, name, index))
             self.bytes_written += written.bytes
             if self.on_written is not None:

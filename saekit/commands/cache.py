@@ -129,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
         f"saekit cache: {result.shards} shards ({rows} rows) in {result.path}"
         f"{skipped}; {result.seconds:.1f} s"
     )
+    if result.repaired:
+        print(
+            f"saekit cache: rewrote {len(result.repaired)} damaged shard(s): "
+            f"{', '.join(result.repaired[:5])}{' ...' if len(result.repaired) > 5 else ''}"
+        )
     if result.merged:
         print(f"saekit cache: merged all ranks into {result.merged}")
     return 0
@@ -137,11 +142,12 @@ def run(args: argparse.Namespace) -> int:
 def describe(directory: str | Path, *, verify: bool = False) -> dict[str, Any]:
     """A JSON-able description of a cache (what ``saekit cache info`` prints)."""
     from ..cache import open_cache
-    from ..cache.shards import ShardFile
+    from ..cache.check import shard_problem
 
     view = open_cache(directory)
     first = view.first
     hookpoints = {}
+    damaged: list[dict[str, str]] = []
     for name, hookpoint in view.hookpoints.items():
         shard_bytes = sum(s.bytes for _, s in hookpoint.shards)
         hookpoints[name] = {
@@ -154,23 +160,22 @@ def describe(directory: str | Path, *, verify: bool = False) -> dict[str, Any]:
             "sample_shape": hookpoint.record.sample_shape,
             "description": hookpoint.record.description,
         }
-        if verify:
-            for path, s in hookpoint.shards:
-                shard = ShardFile(
-                    path,
-                    rows=s.rows,
-                    size=s.bytes,
-                    header_xxh3=s.header_xxh3,
-                    d=hookpoint.d,
-                    dtype=hookpoint.dtype,
-                    cache_id=view.cache_id,
-                    hookpoint=name,
-                )
-                shard.verify()
-                shard.close()
+        for path, s in hookpoint.shards:  # sizes and headers always; checksums with verify
+            problem = shard_problem(
+                path,
+                s,
+                d=hookpoint.d,
+                dtype=first.dtype,
+                cache_id=view.cache_id,
+                hookpoint=name,
+                full=verify,
+            )
+            if problem:
+                damaged.append({"file": str(path), "problem": problem})
     return {
         "path": str(view.path),
-        "complete": view.complete,
+        "complete": view.complete and not damaged,
+        "damaged": damaged,
         "parts": len(view.parts),
         "merged": view.merged,
         "model": first.model,
@@ -192,8 +197,17 @@ def run_info(args: argparse.Namespace) -> int:
     info = describe(args.directory, verify=args.verify)
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
-    state = "complete" if info["complete"] else "INCOMPLETE (rerun its command to finish it)"
+        return 2 if info["damaged"] else 0
+    damaged = info["damaged"]
+    if damaged:
+        state = (
+            f"DAMAGED: {len(damaged)} shard(s) missing, truncated or corrupt (rerun its "
+            "`saekit cache` command to rewrite exactly those)"
+        )
+    elif info["complete"]:
+        state = "complete"
+    else:
+        state = "INCOMPLETE (rerun its command to finish it)"
     parts = (
         f", {info['parts']} ranks" + (" (merged)" if info["merged"] else "")
         if info["parts"] > 1
@@ -210,6 +224,10 @@ def run_info(args: argparse.Namespace) -> int:
             f"  {name}: {h['capture']} of {h['module']}, d={h['d']}, {h['rows']:,} rows in "
             f"{h['shards']} shards ({human_bytes(h['bytes'])}); {h['description']}"
         )
+    for item in damaged:
+        print(f"saekit cache info: error: {item['problem']}", file=sys.stderr)
+    if damaged:
+        return 2
     if info["verified"]:
         print("  every shard matches its checksums")
     return 0

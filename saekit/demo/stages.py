@@ -16,7 +16,8 @@ import torch
 from ..adapters import load_adapter
 from ..cache import CacheConfig, CacheReader, cache_activations, open_training_source
 from ..cache.rows import RowFilter
-from ..dictionaries import SAEConfig, SparseAutoencoder
+from ..dictionaries import SAEConfig, SparseAutoencoder, load_dictionary, read_index
+from ..dictionaries.io import INDEX_FILE, read_config
 from ..evaluation.factors import FactorLabels, labels_from_scenes, sample_activations
 from ..evaluation.suite import CacheEvaluation, evaluate_on_cache
 from ..testbed import world
@@ -92,10 +93,20 @@ def train_topk(
     batch_size: int,
     seed: int,
 ) -> TrainedDictionary:
-    """A TopK dictionary (Gao et al. 2024) on every row of a one-hookpoint cache."""
+    """A TopK dictionary (Gao et al. 2024) on every row of a one-hookpoint cache.
+
+    A dictionary already finished in ``output_dir`` is reused: the demo records its settings
+    (``demo-config.json``) and refuses a folder written with others, so a rerun of the same
+    command would train the same dictionary again (and the trainer would refuse the folder).
+    """
     reader = open_training_source(
         cache_dir, batch_size=batch_size, epochs=epochs, shuffle=True, seed=seed
     )
+    if (output_dir / INDEX_FILE).is_file():
+        (entry,) = read_index(output_dir)
+        path = output_dir / entry["path"]
+        metrics = read_config(path)[1].get("metrics") or {}
+        return TrainedDictionary(load_dictionary(path), path, metrics, reader.n_rows)
     d_in = reader.d_in
     sae_cfg = SAEConfig(
         architecture="topk", k=k, d_sae=expansion * d_in, seed=seed, **reader.provenance

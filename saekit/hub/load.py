@@ -1,7 +1,8 @@
 """``saekit.load``: a pretrained dictionary from a local folder, a Hub repository or a known release.
 
 The source is tried as a local folder first, then as a release of the registry, then as a Hub
-repository id (``owner/name``), the order diffusers' ``from_pretrained`` uses for paths and ids.
+repository id (``owner/name``), the order diffusers' ``from_pretrained`` uses for paths and ids;
+:mod:`.resolve` decides when a missing path may be a repository id.
 Whatever the format (saekit, SAELens, sparsify, sdxl-unbox, Prisma), the result is one of saekit's
 own dictionaries whose encode and decode reproduce the original's, with a config that names the
 model and hookpoint it belongs to when the source says so.
@@ -10,6 +11,7 @@ model and hookpoint it belongs to when the source says so.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,7 +24,10 @@ from .errors import FormatError, NotAvailableError
 from .folders import Folder, LocalFolder, read_folder
 from .formats import Converted
 from .registry import Release, ReleaseDictionary, find_release
+from .resolve import hub_repo_id
 from .safety import check_name
+
+log = logging.getLogger("saekit.hub")
 
 
 @dataclass(frozen=True)
@@ -127,13 +132,19 @@ def load_pretrained(
         repo_id = release.repo_of(entry)
         revision = revision or release.revision
         folder = _hub_folder(repo_id, _join(subfolder, entry.path), revision, cache_dir)
-    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        repo_id = source
-        folder = _hub_folder(repo_id, _join(subfolder, hookpoint), revision, cache_dir)
-    else:
+    elif local.exists():
         raise NotAvailableError(
-            f"{source!r} is not a local folder, a known release, or a Hub repository id (owner/name). "
-            "Known releases: saekit pull --list"
+            f"{local} is a file; give the folder that holds the dictionary (its config and weights)"
+        )
+    else:
+        repo_id = hub_repo_id(source)  # or a one-line error naming a missing local path
+        folder = _hub_folder(repo_id, _join(subfolder, hookpoint), revision, cache_dir)
+    if repo_id is not None:  # say which repository, before the Hub is contacted
+        log.info(
+            "looking up the Hub repository %s (revision %s)%s",
+            repo_id,
+            revision or "main",
+            f" for release {release.name}" if release else "",
         )
 
     converted, fmt = read_folder(

@@ -249,3 +249,25 @@ def hub_errors(
             f"the Hub answered HTTP {status} for {what} of {repo_id}{advice} "
             f"({str(err).splitlines()[0]})"
         ) from err
+    except unreachable() as err:  # no answer at all: DNS, refused connection, timeout
+        detail = (str(err).splitlines() or [type(err).__name__])[0]
+        raise NotAvailableError(
+            f"could not reach the Hugging Face Hub to look up {repo_id} ({detail}): check the "
+            "network connection, or set HF_HUB_OFFLINE=1 to use only the local cache"
+        ) from err
+
+
+def unreachable() -> tuple[type[BaseException], ...]:
+    """The client's transport failures: the HTTP library's base error (httpx's, or requests' in
+    older clients; huggingface_hub re-exports it as ``errors.HTTPError``) and the builtin ones."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    base = getattr(hub().errors, "HTTPError", None)
+    if isinstance(base, type) and issubclass(base, BaseException):
+        found.append(base)
+    try:
+        from requests import RequestException
+    except ImportError:
+        pass
+    else:
+        found.append(RequestException)
+    return tuple(found)

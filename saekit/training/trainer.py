@@ -59,6 +59,7 @@ from ..dictionaries import (
     write_index,
 )
 from ..dictionaries.base import Reducer, default_k_aux
+from ..dictionaries.io import CONFIG_FILE, INDEX_FILE
 from ..sources import DataError, ResumableSource
 from . import checkpoint as ckpt
 from .checkpoint import flatten_optimizer_state, list_checkpoints, unflatten_optimizer_state
@@ -341,8 +342,11 @@ class Trainer:
         if self.output_dir is None:
             return
         check_writable_dir(self.output_dir)
-        has_run = (self.output_dir / RUN_FILE).exists() or list_checkpoints(
-            self.output_dir / CHECKPOINT_DIR
+        # Only a checkpoint or a saved dictionary is worth protecting: a run.json alone is left by
+        # a run that failed before its first checkpoint (say on a corrupt shard), and the same
+        # command must be able to start it over without --resume.
+        has_run = bool(list_checkpoints(self.output_dir / CHECKPOINT_DIR)) or (
+            (self.output_dir / INDEX_FILE).exists() or any(self.output_dir.glob(f"*/{CONFIG_FILE}"))
         )
         if has_run and not self.resume:
             raise FileExistsError(
@@ -654,7 +658,7 @@ class Trainer:
     def _describe_batch(batch: int, bad_rows: int, rows: int, first_row: int) -> str:
         return (
             f"batch {batch} holds NaN or infinite activations "
-            f"({bad_rows} of {rows} rows, first at row {first_row})"
+            f"({bad_rows} of {rows} rows, first at row {first_row} of the shuffled batch)"
         )
 
     def _skipped(self, what: str, count: int = 1) -> None:
