@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..adapters.base import COND, UNCOND, ModelAdapter
-from ..adapters.dit import denoiser_call
+from ..adapters.dit import check_denoiser, denoiser_call
 
 # Token kinds of a hooked tensor's positions (what Scope.tokens selects).
 TEXT, IMAGE, OTHER = 0, 1, 2
@@ -78,6 +78,7 @@ class CallTracker:
         self.family = adapter.family
         if self.family == "diffusion":
             a: Any = adapter
+            check_denoiser(a.denoiser)  # a renamed keyword fails here, not silently per call
             self._handles.append(
                 a.denoiser.register_forward_pre_hook(self._on_denoiser, with_kwargs=True)
             )
