@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, _dist
 from ._optional import MissingDependencyError
 from .configuration import ConfigError
 from .hub.errors import HubError
@@ -81,5 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``saekit`` executable (and ``python -m saekit``): :func:`main`, then the exit that
+    suits the process: a torchrun rank that joined a process group must not go through
+    interpreter finalization (see :mod:`saekit._dist`). Call :func:`main` to stay in-process."""
+    _dist.exit_process(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

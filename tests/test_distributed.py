@@ -333,3 +333,49 @@ def test_world_size_that_does_not_divide_the_batch_is_refused(tmp_path, npy):
     )
     assert run.returncode != 0
     assert "cannot be split evenly over 2 data-parallel ranks" in run.stderr
+
+
+# ----------------------------------------------------------------------------- leaving
+
+
+_EXIT = """
+import atexit, sys
+from saekit import _dist
+class Finalized:
+    def __del__(self):
+        print("finalized", flush=True)
+kept = Finalized()
+atexit.register(lambda: print("atexit", flush=True))
+if sys.argv[1] == "joined":
+    _dist.joined()
+print("unflushed", end="")
+_dist.exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_a_rank_that_joined_a_group_exits_without_interpreter_finalization(joined):
+    """gloo's worker threads may still drop a finished collective (and take the GIL) when the
+    main thread finalizes the interpreter, which aborts the rank (SIGABRT, 'terminate called
+    without an active exception'): a process that joined a group runs its atexit handlers,
+    flushes, and skips finalization; any other exits normally."""
+    run = subprocess.run(
+        [sys.executable, "-c", _EXIT, "joined" if joined else "alone"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 3, run.stderr
+    assert "unflushed" in run.stdout and "atexit" in run.stdout
+    assert ("finalized" in run.stdout) is not joined
+
+
+def test_the_saekit_executables_leave_through_exit_process():
+    import tomllib
+
+    from saekit import cli
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["saekit"] == "saekit.cli:run"
+    main = (Path(cli.__file__).parent / "__main__.py").read_text()
+    assert "run()" in main and "sys.exit(main())" not in main

@@ -259,6 +259,30 @@ def test_vlm_prefill_decode_and_image_tokens(llava):
     )
 
 
+def test_cached_tokens_reads_the_cache_by_what_it_is_not_by_its_keyword():
+    """The KV cache's length under any keyword (transformers 5.24 renamed ``past_key_values=``
+    to ``cache=``), else the attention mask's width less the new tokens'."""
+    from transformers import DynamicCache, LlamaConfig
+
+    from saekit.steering.context import cached_tokens
+
+    config = LlamaConfig(
+        hidden_size=8, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1
+    )
+    cache = DynamicCache(config=config)
+    ids = torch.ones(2, 1, dtype=torch.long)
+    assert cached_tokens((), {"input_ids": ids, "kv_whatever": cache}) == 0  # empty: a prefill
+    cache.update(torch.zeros(2, 2, 5, 4), torch.zeros(2, 2, 5, 4), layer_idx=0)
+    for keyword in ("past_key_values", "cache", "a_future_name"):
+        assert cached_tokens((), {"input_ids": ids, keyword: cache}) == 5
+    assert cached_tokens((ids, cache), {}) == 5
+    assert cached_tokens((), {"input_ids": ids, "cache_position": torch.tensor([7])}) == 7
+    mask = torch.ones(2, 9, dtype=torch.long)
+    assert cached_tokens((), {"input_ids": ids, "attention_mask": mask}) == 8
+    assert cached_tokens((), {"inputs_embeds": torch.zeros(2, 1, 4), "attention_mask": mask}) == 8
+    assert cached_tokens((), {"input_ids": torch.ones(2, 9), "attention_mask": mask}) == 0
+
+
 # ----------------------------------------------------------------------------- CLIP
 
 

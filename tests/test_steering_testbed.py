@@ -143,3 +143,48 @@ def test_clamping_a_colour_latent_changes_the_vlm_caption():
     assert _mean(records, "caption_color_is_target", 0.0) == 0.0
     assert _mean(records, "caption_color_changed", 8.0) >= 0.5  # measured 0.81
     assert _mean(records, "caption_color_is_target", 8.0) >= 0.2  # measured 0.34
+
+
+def test_decode_phase_steering_changes_the_shipped_vlms_decoded_tokens():
+    """``Scope(phase="decode")`` edits every decoding step of the shipped VLM with the installed
+    transformers (whatever keyword it passes the KV cache by) and no prefill position; the
+    first new token comes from the prefill, so it stays, and later ones change.
+    ``phase="prefill"`` edits the prefill and leaves every decoding step untouched."""
+    import saekit
+    from saekit.adapters.vlm import VLMAdapter
+    from saekit.steering import Scope
+    from saekit.testbed import world
+    from saekit.testbed.vlm import CAPTION_PROMPT
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from steering_support import before_and_after, tiny_sae
+
+    model, processor = models.load_vlm(models.VLM_DIR)
+    adapter = VLMAdapter(model, processor)
+    images = world.to_pil(world.render(world.sample_scenes(4, seed=5, objects=1)))
+    prompts = [CAPTION_PROMPT] * len(images)
+    hookpoint = "model.language_model.layers.1"
+    layer = model.model.language_model.layers[1]
+    sae = tiny_sae(model.config.text_config.hidden_size, hookpoint, d_sae=256, seed=3)
+
+    def run(phase: str | None) -> tuple[list[str], list, list]:
+        scope = Scope(phase=phase or "all")
+        strength = 0.0 if phase is None else 300.0  # the residual norm is ~20
+        with (
+            saekit.steer(adapter, sae, features=7, strength=strength, scope=scope),
+            before_and_after(layer) as (raw, steered),  # raw: before the steering hook
+        ):
+            texts = adapter.generate(images, prompts, max_new_tokens=4, min_new_tokens=4)
+        deltas = [bool((y - x).abs().max() > 0) for x, y in zip(raw, steered, strict=True)]
+        tokens = [r.shape[1] for r in raw]
+        return texts, deltas, tokens
+
+    clean, untouched, tokens = run(None)
+    assert tokens[0] > 1 and tokens[1:] == [1, 1, 1]  # a prefill, then one token per step
+    assert untouched == [False] * 4
+    decoded, deltas, _ = run("decode")
+    assert deltas == [False, True, True, True]
+    assert decoded != clean
+    assert [t.split()[:1] for t in decoded] == [t.split()[:1] for t in clean]  # from the prefill
+    _, deltas, _ = run("prefill")
+    assert deltas == [True, False, False, False]

@@ -17,6 +17,7 @@ diffusers, open_clip) is imported only when that family is used.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from torch import nn
@@ -120,12 +121,18 @@ def detect_adapter(
 
 
 def load_adapter(
-    model: str, adapter: str = "auto", *, revision: str | None = None, **options: Any
+    model: str | os.PathLike[str],
+    adapter: str = "auto",
+    *,
+    revision: str | None = None,
+    **options: Any,
 ) -> ModelAdapter:
-    """Load ``model`` with the adapter ``adapter`` (``auto``: detected from the model).
+    """Load ``model`` (a hub id, or a folder as a string or path) with the adapter ``adapter``
+    (``auto``: detected from the model).
 
     ``options`` go to the adapter class's ``load`` (device, dtype, local_files_only,
     trust_remote_code, and the family's own settings)."""
+    model = os.fspath(model)
     if adapter == "auto":
         name = detect_adapter(
             model, revision=revision, local_files_only=bool(options.get("local_files_only"))

@@ -83,6 +83,30 @@ def joint_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return torch.cat([text, image], dim=1)
 
 
+DENOISER_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "latents": ("sample", "hidden_states"),  # a UNet's, a DiT's
+    "timestep": ("timestep",),
+    "text": ("encoder_hidden_states",),
+}
+"""The forward parameters of diffusers denoisers that :func:`denoiser_call` reads, by role
+(any one name of a role). diffusers documents them per class but promises no common names, so
+:func:`check_denoiser` refuses a denoiser that lacks one instead of steering it blind, and
+tests/test_upstream_names.py asserts them against the installed release."""
+
+
+def check_denoiser(denoiser: nn.Module) -> None:
+    """Raise a clear error if ``denoiser.forward`` takes none of the names of a role in
+    :data:`DENOISER_ARGUMENTS` (a renamed keyword upstream)."""
+    parameters = set(_parameters(type(denoiser)))
+    for role, names in DENOISER_ARGUMENTS.items():
+        if not parameters & set(names):
+            raise ValueError(
+                f"{type(denoiser).__name__}.forward takes none of {list(names)} ({role}); "
+                "saekit reads the denoiser's calls by these diffusers names. This diffusers "
+                "release renamed them: install the version in saekit's constraints.txt"
+            )
+
+
 def denoiser_call(
     denoiser: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[int, float, int | None, int | None]:
@@ -92,9 +116,11 @@ def denoiser_call(
     ``image_tokens`` is the DiT's sequence length of image patches (None for a UNet),
     ``text_tokens`` the prompt's token count (None without ``encoder_hidden_states``).
     """
-    sample = _argument(denoiser, "sample", args, kwargs)
-    if sample is None:
-        sample = _argument(denoiser, "hidden_states", args, kwargs)
+    sample = None
+    for name in DENOISER_ARGUMENTS["latents"]:
+        sample = _argument(denoiser, name, args, kwargs)
+        if sample is not None:
+            break
     if not isinstance(sample, Tensor):
         raise ValueError(
             f"cannot find the latents among the arguments of {type(denoiser).__name__}"

@@ -86,6 +86,7 @@ def _init_process_group() -> None:
     ):
         # Ranks may finish hours apart: no collective waits on another.
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        _dist.joined()  # the process then ends through _dist.exit_process (gloo's worker threads)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -85,26 +85,28 @@ def run(args: argparse.Namespace) -> int:
     keep_large_allocations_in_heap()
     device_type = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
     group = from_environment(device_type, cfg.train.dist_timeout_s)
-    source = open_source(cfg, group)
-    sae = cfg.sae
-    provenance = getattr(source, "provenance", None)
-    if provenance:  # the cache records the model, revision, hookpoint and capture target
-        sae = dataclasses.replace(sae, **provenance)
-    configs = expand_sweep(sae, cfg.sweep)
-    trainer = Trainer(
-        configs,
-        cfg.train,
-        source,
-        cfg.output_dir,
-        resume=cfg.resume,
-        run_config=to_dict(cfg),
-        wandb_project=cfg.wandb_project,
-        run_name=cfg.run_name,
-        group=group,
-    )
-    results = trainer.fit()
-    if group.active:
-        torch.distributed.destroy_process_group()
+    try:
+        source = open_source(cfg, group)
+        sae = cfg.sae
+        provenance = getattr(source, "provenance", None)
+        if provenance:  # the cache records the model, revision, hookpoint and capture target
+            sae = dataclasses.replace(sae, **provenance)
+        configs = expand_sweep(sae, cfg.sweep)
+        trainer = Trainer(
+            configs,
+            cfg.train,
+            source,
+            cfg.output_dir,
+            resume=cfg.resume,
+            run_config=to_dict(cfg),
+            wandb_project=cfg.wandb_project,
+            run_name=cfg.run_name,
+            group=group,
+        )
+        results = trainer.fit()
+    finally:  # also after an error or a lost peer: leave the group before the process ends
+        if group.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     for result in results:
         if result.path is None:
             continue

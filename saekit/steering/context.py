@@ -11,7 +11,9 @@ what they say in a :class:`CallState` that every steering hook reads:
   and the denoiser (a new timestep is a new step, the step index counting from 0; a batch of
   twice the prompts is a guided ``[uncond; cond]`` batch, diffusers' order);
 * a LLaVA-style VLM: the model's forward (an empty KV cache is the prefill; each later call a
-  decoding step, whose one token sits at the cache's length);
+  decoding step, whose one token sits at the cache's length). The cache is found by what it
+  is, not by the keyword that carries it (transformers up to 5.23 passed ``past_key_values=``,
+  5.24 on pass ``cache=``): see :func:`cached_tokens`;
 * CLIP: nothing per call, only which tower a hookpoint is in.
 
 Pre-hooks on the root modules fire before any hook on their submodules, so a steering hook at
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..adapters.base import COND, UNCOND, ModelAdapter
-from ..adapters.dit import denoiser_call
+from ..adapters.dit import check_denoiser, denoiser_call
 
 # Token kinds of a hooked tensor's positions (what Scope.tokens selects).
 TEXT, IMAGE, OTHER = 0, 1, 2
@@ -76,6 +78,7 @@ class CallTracker:
         self.family = adapter.family
         if self.family == "diffusion":
             a: Any = adapter
+            check_denoiser(a.denoiser)  # a renamed keyword fails here, not silently per call
             self._handles.append(
                 a.denoiser.register_forward_pre_hook(self._on_denoiser, with_kwargs=True)
             )
@@ -135,9 +138,8 @@ class CallTracker:
     # ------------------------------------------------------------------ VLM
 
     def _on_vlm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None else 0
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        past = cached_tokens(args, kwargs)
         state = self.state
         if past == 0:
             kinds = None
@@ -201,3 +203,34 @@ class CallTracker:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def cached_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """How many tokens a causal model's KV cache held when it was called with ``args`` /
+    ``kwargs``: 0 for a prefill, the new tokens' first position for a decoding step.
+
+    Read from the arguments' values, never from the keyword a transformers version uses for the
+    cache (``past_key_values=`` until 5.23, ``cache=`` from 5.24; a keyword lookup made
+    ``--phase decode`` silently do nothing there):
+
+    1. any argument that is a transformers ``Cache`` (found by its public ``get_seq_length``);
+    2. else a ``cache_position`` tensor (its first entry), which some versions pass;
+    3. else the attention mask's width less the new tokens' count (generation passes the mask
+       of every token so far with only the new ``input_ids`` / ``inputs_embeds``).
+    """
+    for value in (*kwargs.values(), *args):
+        length = getattr(value, "get_seq_length", None)
+        if callable(length) and not isinstance(value, (Tensor, nn.Module)):
+            return int(length())
+    position = kwargs.get("cache_position")
+    if isinstance(position, Tensor) and position.numel():
+        return int(position.reshape(-1)[0])
+    mask = kwargs.get("attention_mask")
+    new = kwargs.get("input_ids")
+    if not isinstance(new, Tensor):
+        new = kwargs.get("inputs_embeds")
+    if not isinstance(new, Tensor) and args and isinstance(args[0], Tensor):
+        new = args[0]
+    if isinstance(mask, Tensor) and mask.ndim == 2 and isinstance(new, Tensor) and new.ndim >= 2:
+        return max(int(mask.shape[1]) - int(new.shape[1]), 0)
+    return 0

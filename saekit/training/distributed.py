@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import _dist
+
 Parallelism = Literal["data", "dictionaries", "latents"]
 
 
@@ -114,6 +116,7 @@ def from_environment(device_type: str, timeout_s: float) -> ProcessGroup:
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _dist.joined()  # the process then ends through _dist.exit_process (gloo's worker threads)
     return ProcessGroup(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
