@@ -67,10 +67,17 @@ def train_dictionary(
     cfg = SAEConfig(
         architecture="topk", k=k, d_sae=expansion * rows.shape[1], seed=seed, hookpoint=hookpoint
     )
+    # The training settings the steering and unlearning figures (README, bench_steer) were tuned
+    # and measured with: random latents, encoder = decoder, a 20-step warm-up. The trainer's
+    # defaults have moved since (data-seeded latents, issue 17); rerun scripts/bench_steer.py
+    # before letting these follow them.
     train = TrainConfig(
         batch_size=batch_size,
         epochs=1,
         lr_warmup_steps=20,
+        lr_warmup_fraction=1.0,
+        latent_init="random",
+        encoder_init_scale=1.0,
         log_every=10_000,
         checkpoint_every=0,
         progress=False,
