@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,20 @@ def synchronize(device: torch.device) -> None:
     """Device work is asynchronous: every clock stops only after the device is done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(loop: Callable[[int], Any], warmup_steps: int, steps: int, device: torch.device):
+    """``loop(steps)``'s result, its seconds, and the seconds of a throwaway ``loop(warmup_steps)``
+    run first (compilation, autotuning, first-call imports), each clock stopped after the device
+    is done."""
+    start = time.perf_counter()
+    loop(warmup_steps)
+    synchronize(device)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    result = loop(steps)
+    synchronize(device)
+    return result, time.perf_counter() - start, warmup
 
 
 def learning_rate(latents: int) -> float:
@@ -216,15 +231,12 @@ def run_saekit(feed: Feed, setting: Setting, args, device: torch.device, steps: 
         cfg = SAEConfig(architecture="topk", k=setting.k, d_sae=setting.latents)
         return Trainer([cfg], train, feed.source())
 
-    warmup = time.perf_counter()
-    trainer(args.warmup_steps).fit()  # compile, autotune, the first Adam (torch._dynamo import)
-    synchronize(device)
-    warmup = time.perf_counter() - warmup
-    run = trainer(steps)
-    start = time.perf_counter()
-    (result,) = run.fit()
-    synchronize(device)
-    elapsed = time.perf_counter() - start
+    def loop(n: int) -> tuple[Trainer, list]:
+        run = trainer(n)
+        return run, run.fit()
+
+    # The warm-up run compiles, autotunes and builds the first Adam (torch._dynamo's import).
+    (run, (result,)), elapsed, warmup = timed(loop, args.warmup_steps, steps, device)
     sae = result.sae
 
     def active(x: Tensor) -> Tensor:
@@ -259,14 +271,7 @@ def run_saekit_bare(feed: Feed, setting: Setting, args, device: torch.device, st
             done += 1
         return sae, tokens, done
 
-    warmup = time.perf_counter()
-    loop(args.warmup_steps)
-    synchronize(device)
-    warmup = time.perf_counter() - warmup
-    start = time.perf_counter()
-    sae, tokens, done = loop(steps)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
+    (sae, tokens, done), elapsed, warmup = timed(loop, args.warmup_steps, steps, device)
 
     def active(x: Tensor) -> Tensor:
         codes = sae.encode(x)
@@ -301,14 +306,7 @@ def run_sparsify(feed: Feed, setting: Setting, args, device: torch.device, steps
             done += 1
         return sae, tokens, done
 
-    warmup = time.perf_counter()
-    loop(args.warmup_steps)
-    synchronize(device)
-    warmup = time.perf_counter() - warmup
-    start = time.perf_counter()
-    sae, tokens, done = loop(steps)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
+    (sae, tokens, done), elapsed, warmup = timed(loop, args.warmup_steps, steps, device)
 
     def reconstruct(x: Tensor) -> Tensor:
         return sae(x).sae_out
@@ -354,14 +352,7 @@ def run_saelens(feed: Feed, setting: Setting, args, device: torch.device, steps:
             done += 1
         return sae, tokens, done
 
-    warmup = time.perf_counter()
-    loop(args.warmup_steps)
-    synchronize(device)
-    warmup = time.perf_counter() - warmup
-    start = time.perf_counter()
-    sae, tokens, done = loop(steps)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
+    (sae, tokens, done), elapsed, warmup = timed(loop, args.warmup_steps, steps, device)
 
     def active(x: Tensor) -> Tensor:
         return sae.encode(x).nonzero()[:, 1]
